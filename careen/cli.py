@@ -1,0 +1,4 @@
+"""Command-line entry point (placeholder until the verbs land)."""
+
+def main() -> int:
+    return 0
