@@ -1,0 +1,1 @@
+"""Probing images: formats, partitions, LVM, filesystems, the OS inside."""
