@@ -1,5 +1,306 @@
-"""Command-line entry point (placeholder until the verbs land)."""
+"""The `careen` command: verbs, options, exit codes, and everything printed for humans.
+
+Library code only logs; this module configures logging and prints results (a table,
+or JSON with `--format json`). A `CareenError` becomes one line with a hint and its
+exit code; a traceback appears only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from careen import __version__, linux, recipe
+from careen.errors import CareenError, ExitCode, UsageError
+from careen.image.model import Disk, ImageFormat
+from careen.refit import RefitOptions, RefitResult, inspect_image, refit
+
+log = logging.getLogger("careen")
+_LIST_LIMIT = 40
 
 
-def main() -> int:
-    return 0
+class Interrupted(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    # Unwind like Ctrl-C so every resource is released; ignore repeats meanwhile.
+    signal.signal(signal.SIGINT, _cleanup_in_progress)
+    signal.signal(signal.SIGTERM, _cleanup_in_progress)
+    raise Interrupted(signum)
+
+
+def _cleanup_in_progress(signum: int, _frame: FrameType | None) -> None:
+    print("careen: cleaning up, please wait (releasing mounts and devices)", file=sys.stderr)
+
+
+class _OpAction(argparse.Action):
+    """Append an operation step in command-line order."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        steps = list(getattr(namespace, "ops", None) or [])
+        value = values if isinstance(values, str) else None
+        steps.append((recipe.Op(self.const), value))
+        namespace.ops = steps
+
+
+_VALUED_OPS = {
+    "--update": ("PKG[,PKG]", "upgrade named packages"),
+    "--install": ("PKG[,PKG]", "install packages"),
+    "--remove": ("PKG[,PKG]", "remove packages"),
+    "--run": ("CMD", "run a shell command inside the guest"),
+    "--script": ("FILE", "run a local script inside the guest"),
+    "--upload": ("SRC:DEST", "copy a local file into the guest"),
+    "--write": ("PATH:CONTENT", "write a file in the guest"),
+    "--delete": ("PATH", "delete a path in the guest (wildcards in the last part)"),
+}
+_FLAG_OPS = {
+    "--update-all": ("update", "upgrade every package"),
+    "--clean-caches": ("clean-caches", "clean the package manager's caches"),
+    "--reset-cloud-init": ("reset-cloud-init", "reset cloud-init state and network identity"),
+    "--reset-machine-id": ("reset-machine-id", "empty /etc/machine-id"),
+    "--remove-ssh-host-keys": ("remove-ssh-host-keys", "remove the SSH host keys"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="careen", description="Refit existing cloud images offline, without booting them."
+    )
+    p.add_argument("--version", action="version", version=f"careen {__version__}")
+    p.add_argument("--debug", action="store_true", help="log commands and show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    ins = sub.add_parser("inspect", help="show what is inside an image")
+    ins.add_argument("image", type=Path)
+    ins.add_argument("--format", choices=("table", "json"), default="table")
+    ins.add_argument("--workdir", type=Path, help="where temporary files go")
+
+    ref = sub.add_parser("refit", help="refit an image into a new one")
+    ref.add_argument("image", type=Path)
+    ref.add_argument("-o", "--output", type=Path, help="the new image to write")
+    ref.add_argument(
+        "-r", "--recipe", help=f"a recipe file or built-in ({', '.join(recipe.BUILTIN)})"
+    )
+    ref.add_argument("-O", "--output-format", choices=("qcow2", "raw"), default="qcow2")
+    ref.add_argument("-c", "--compress", action="store_true", help="compress qcow2 output")
+    ref.add_argument("--in-place", action="store_true", help="change the source image itself")
+    ref.add_argument("--force", action="store_true", help="overwrite an existing output")
+    ref.add_argument("--workdir", type=Path, help="where the overlay goes (default: beside -o)")
+    ref.add_argument("--backing-file", type=Path, help="allow this backing file of the source")
+    ref.add_argument("--data-file", type=Path, help="allow this external data file")
+    ref.add_argument("--timeout", type=float, default=3600.0,
+                     help="seconds one command in the guest may run")  # fmt: skip
+    ref.add_argument("--format", choices=("text", "json"), default="text")
+    ops = ref.add_argument_group("operations (appended after the recipe's steps, in order)")
+    for flag, (metavar, text) in _VALUED_OPS.items():
+        ops.add_argument(flag, action=_OpAction, const=flag[2:], metavar=metavar, help=text,
+                         dest="ops")  # fmt: skip
+    for flag, (op, text) in _FLAG_OPS.items():
+        ops.add_argument(flag, action=_OpAction, const=op, nargs=0, help=text, dest="ops")
+    return p
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(
+        console=Console(stderr=True), show_time=debug, show_path=False, markup=False
+    )
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s")
+
+
+def _recipe(args: argparse.Namespace) -> recipe.Recipe:
+    ops = getattr(args, "ops", None) or []
+    extra = tuple(recipe.step_from_option(op, value, Path.cwd()) for op, value in ops)
+    if args.recipe is None and extra:
+        return recipe.Recipe("command line", (), origin="command line", extra=extra)
+    return recipe.load(args.recipe or "cloud-init-refresh").with_steps(extra)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.debug, args.quiet)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        if os.geteuid() == 0 and not linux.enter_private_mount_namespace():
+            log.debug("no private mount namespace; mounts are visible to the host meanwhile")
+        return _dispatch(args)
+    except CareenError as e:
+        if args.debug:
+            log.exception("failed")
+        print(f"careen: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"careen: hint: {e.hint}", file=sys.stderr)
+        return int(e.exit_code)
+    except Interrupted as e:
+        print(f"careen: interrupted ({e}); everything was released", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "inspect":
+        disk = inspect_image(args.image.absolute(), workdir_parent=args.workdir)
+        if args.format == "json":
+            print(json.dumps(_jsonable(disk), indent=2))
+        else:
+            _print_disk(disk)
+        return ExitCode.OK
+    if args.verb == "refit":
+        result = refit(_refit_options(args))
+        if args.format == "json":
+            print(json.dumps(_jsonable(result), indent=2))
+        else:
+            _print_result(result)
+        return ExitCode.OK
+    raise UsageError(f"unknown verb {args.verb}")
+
+
+def _refit_options(args: argparse.Namespace) -> RefitOptions:
+    if args.in_place and args.output:
+        raise UsageError("--in-place and -o exclude each other")
+    return RefitOptions(
+        source=args.image.absolute(),
+        recipe=_recipe(args),
+        output=args.output.absolute() if args.output else None,
+        output_format=ImageFormat(args.output_format),
+        compress=args.compress,
+        in_place=args.in_place,
+        force=args.force,
+        workdir=args.workdir,
+        backing_file=args.backing_file,
+        data_file=args.data_file,
+        command_timeout=args.timeout,
+    )
+
+
+def _jsonable(obj: object) -> Any:
+    if isinstance(obj, RefitResult):
+        return {
+            "source": _jsonable(obj.source),
+            "output": str(obj.output) if obj.output else None,
+            "os": _jsonable(obj.os),
+            "changes": obj.changes.as_dict(),
+            "notes": obj.notes,
+        }
+    data = asdict(obj)  # type: ignore[call-overload]
+    return json.loads(json.dumps(data, default=str))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _print_disk(disk: Disk) -> None:
+    out = Console()
+    img = disk.image
+    out.print(f"[bold]{img.path}[/]: {img.format}, virtual size {_size(img.virtual_size)}, "
+              f"{_size(img.actual_size)} on disk")  # fmt: skip
+    if disk.table:
+        t = Table(title=f"Partition table ({disk.table.label})", title_justify="left")
+        for col in ("#", "start", "size", "type", "name"):
+            t.add_column(col)
+        for part in disk.table.partitions:
+            t.add_row(str(part.number), str(part.region.offset), _size(part.region.size),
+                      part.type, part.name or "")  # fmt: skip
+        out.print(t)
+    else:
+        out.print("No partition table (a filesystem on the whole disk)")
+    for vg in disk.volume_groups:
+        t = Table(title=f"LVM volume group {vg.name}", title_justify="left")
+        for col in ("LV", "size", "layout"):
+            t.add_column(col)
+        for lv in vg.lvs:
+            size = sum(s.extent_count for s in lv.segments) * vg.extent_size
+            t.add_row(lv.name, _size(size), lv.layout)
+        out.print(t)
+    t = Table(title="Filesystems", title_justify="left")
+    for col in ("on", "type", "UUID", "label", "mounted at"):
+        t.add_column(col)
+    mounts = _mountpoints(disk)
+    for fs in disk.filesystems:
+        t.add_row(fs.source, fs.type, fs.uuid or "", fs.label or "", mounts.get(fs.source, ""))
+    out.print(t)
+    if disk.os:
+        o = disk.os
+        rows = [
+            ("OS", f"{o.pretty_name} ({o.distro} {o.version})"),
+            ("package manager", o.package_manager or "none found"),
+            ("cloud-init", o.cloud_init or "not installed"),
+            ("cloudbase-init", o.cloudbase_init or "not installed"),
+            ("resolv.conf", o.resolv_conf),
+            ("SELinux", o.selinux),
+            ("root", disk.root.source if disk.root else "?"),
+        ]
+        t = Table(show_header=False, title="Guest", title_justify="left")
+        for k, v in rows:
+            t.add_row(k, v)
+        out.print(t)
+    for note in disk.notes:
+        out.print(f"note: {note}")
+
+
+def _mountpoints(disk: Disk) -> dict[str, str]:
+    found: dict[str, str] = {}
+    if disk.root:
+        found[disk.root.source] = "/"
+    if disk.os:
+        for entry in disk.os.fstab:
+            for fs in disk.filesystems:
+                if entry.spec.lower() in {n.lower() for n in fs.names}:
+                    found.setdefault(fs.source, entry.mountpoint)
+    return found
+
+
+def _print_result(result: RefitResult) -> None:
+    out = Console()
+    ch = result.changes
+    t = Table(title="Packages", title_justify="left")
+    for col in ("package", "before", "after"):
+        t.add_column(col)
+    for name, before, after in ch.upgraded:
+        t.add_row(name, before, after)
+    for name, version in ch.installed:
+        t.add_row(name, "-", version)
+    for name, version in ch.removed_packages:
+        t.add_row(name, version, "-")
+    out.print(t if t.row_count else "Packages: no change")
+    for title, paths in (("Paths removed", ch.removed), ("Paths created", ch.created)):
+        out.print(f"[bold]{title}[/] ({len(paths)})")
+        for path in paths[:_LIST_LIMIT]:
+            out.print(f"  {path}", markup=False, highlight=False)
+        if len(paths) > _LIST_LIMIT:
+            out.print(f"  ... and {len(paths) - _LIST_LIMIT} more (--format json lists all)")
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False)
+    out.print(f"Wrote {result.output}" if result.output else "Changed the image in place")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

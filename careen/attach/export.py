@@ -1,0 +1,124 @@
+"""Give any image a raw view that loop devices can use, without touching the source.
+
+- `overlay()` creates a qcow2 copy-on-write overlay over the source, with the source's
+  format recorded explicitly (`-F`), so qemu never probes it again. All writes land in
+  the overlay; the source is opened read-only.
+- `raw_view()` exposes an image as a plain raw file: the file itself when it is raw,
+  otherwise a qemu-storage-daemon FUSE export (qemu-nbd needs the nbd module, which
+  many conversion hosts lack). `nbd_argv()` builds the qemu-nbd command for hosts that
+  have nbd.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from careen import run
+from careen.errors import CareenError
+from careen.image.model import ImageFormat, ImageInfo
+from careen.log import step
+
+log = logging.getLogger(__name__)
+
+_EXPORT_TIMEOUT = 20.0
+
+
+@contextmanager
+def overlay(source: ImageInfo, path: Path) -> Iterator[Path]:
+    """A qcow2 overlay over `source` at `path`, removed afterwards."""
+    backing = source.path.resolve()
+    argv: list[run.Arg] = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    argv += ["-o", f"backing_file={backing},backing_fmt={source.format.value}"]
+    argv += ["-o", "lazy_refcounts=on", path]
+    with step(f"Creating a copy-on-write overlay over {source.path.name}"):
+        run.run(argv)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def qsd_argv(image: Path, fmt: ImageFormat, mountpoint: Path, *, writable: bool) -> list[str]:
+    """The qemu-storage-daemon command that exports `image` as raw at `mountpoint`."""
+    ro = not writable
+    file_node = {
+        "driver": "file",
+        "node-name": "file0",
+        "filename": str(image),
+        "read-only": ro,
+        "discard": "unmap",
+    }
+    fmt_node = {
+        "driver": fmt.value,
+        "node-name": "disk0",
+        "file": "file0",
+        "read-only": ro,
+        "discard": "unmap",
+    }
+    export = f"type=fuse,id=exp0,node-name=disk0,mountpoint={mountpoint}"
+    export += f",writable={'on' if writable else 'off'}"
+    return [
+        "qemu-storage-daemon",
+        "--blockdev",
+        json.dumps(file_node),
+        "--blockdev",
+        json.dumps(fmt_node),
+        "--export",
+        export,
+    ]
+
+
+def nbd_argv(image: Path, fmt: ImageFormat, device: str, *, writable: bool) -> list[str]:
+    """The qemu-nbd command that would attach `image` to `device` where nbd exists."""
+    argv = ["qemu-nbd", "--format", fmt.value, "--connect", device, "--discard=unmap"]
+    if not writable:
+        argv.append("--read-only")
+    return [*argv, str(image)]
+
+
+def _is_mounted(path: Path) -> bool:
+    return os.stat(path).st_dev != os.stat(path.parent).st_dev
+
+
+@contextmanager
+def raw_view(image: Path, fmt: ImageFormat, workdir: Path, *, writable: bool) -> Iterator[Path]:
+    """`image` as a raw file for as long as the context lasts."""
+    if fmt is ImageFormat.RAW:
+        yield image
+        return
+    mountpoint = workdir / "export.raw"
+    mountpoint.touch()  # a FUSE export's mount point must be an existing regular file
+    with step(f"Exporting {image.name} as raw through qemu-storage-daemon"):
+        daemon = run.spawn(qsd_argv(image, fmt, mountpoint, writable=writable))
+        try:
+            _wait_for_export(daemon, mountpoint)
+        except BaseException:
+            daemon.stop()
+            mountpoint.unlink(missing_ok=True)
+            raise
+    try:
+        yield mountpoint
+    finally:
+        daemon.stop()
+        if _is_mounted(mountpoint):
+            log.error("the FUSE export at %s is still mounted after its daemon ended", mountpoint)
+        else:
+            mountpoint.unlink(missing_ok=True)
+
+
+def _wait_for_export(daemon: run.Daemon, mountpoint: Path) -> None:
+    deadline = time.monotonic() + _EXPORT_TIMEOUT
+    while not _is_mounted(mountpoint):
+        daemon.check_alive()
+        if time.monotonic() > deadline:
+            raise CareenError(
+                f"qemu-storage-daemon did not export the image within {_EXPORT_TIMEOUT:.0f} s",
+                hint="check that FUSE works here (/dev/fuse, the fuse3 package)",
+            )
+        time.sleep(0.02)

@@ -1,0 +1,304 @@
+"""The host backend: the host kernel mounts the guest's filesystems.
+
+Each filesystem gets a loop device over its byte range of the raw view (offset loops:
+the kernel here creates no partition devices and has no device-mapper), the root is
+found by looking, and then every filesystem the guest's fstab mounts locally is mounted
+at its place, the target resolved inside the guest root so that a guest `/boot -> /etc`
+symlink cannot put a mount on a host path. XFS is mounted with `nouuid`, so a host (or
+a second copy) with the same UUID does not get in the way. Needs root.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from careen import linux, run
+from careen.cleanup import Resources
+from careen.errors import CareenError
+from careen.image.filesystems import parse_fstab
+from careen.image.lvm import lv_region
+from careen.image.model import Disk, Filesystem, FstabEntry, Region
+from careen.log import step
+
+log = logging.getLogger(__name__)
+
+LINUX_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
+_SKIP_TYPES = {"swap", "none", "proc", "sysfs", "tmpfs", "devpts", "nfs", "nfs4", "cifs", "bind"}
+# Where an EFI system partition lives; if the host cannot mount it, boot-loader packages
+# must not run, or grub/shim would write into the directory underneath.
+ESP_MOUNTPOINTS = ("/boot/efi", "/efi")
+_UMOUNT_NOFOLLOW = 0x8
+
+
+@dataclass
+class Mounted:
+    guest_path: str
+    host_path: str
+    fs: Filesystem
+    writable: bool
+
+
+@dataclass
+class GuestTree:
+    """A guest's filesystems mounted under `root` on the host."""
+
+    root: Path
+    mounts: list[Mounted] = field(default_factory=list)
+    fstab: tuple[FstabEntry, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    esp_unmounted: bool = False
+
+    def trim(self) -> None:
+        """Discard free space on every writable filesystem, so the output stays small."""
+        for m in reversed(self.mounts):
+            if m.writable:
+                run.run(["fstrim", m.host_path], check=False)
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise CareenError(
+            f"{what} with the host backend needs root",
+            hint="run it as root (sudo), or use --backend appliance",
+        )
+
+
+def region_of(disk: Disk, fs: Filesystem) -> Region:
+    """Where `fs` lies in the raw view; refuses what only device-mapper could assemble."""
+    if fs.region is not None:
+        return fs.region
+    if fs.lv is not None:
+        for vg in disk.volume_groups:
+            if vg.name == fs.lv.vg:
+                return lv_region(vg, fs.lv)  # raises with the reason
+    raise CareenError(f"{fs.source} does not lie in one contiguous range of the disk")
+
+
+def _mount_options(fs: Filesystem, entry: FstabEntry | None) -> str:
+    opts = []
+    if fs.type == "xfs":
+        opts.append("nouuid")
+    subvol = entry.subvolume if entry else None
+    if fs.type == "btrfs" and subvol:
+        opts.append(f"subvol={subvol}")
+    return ",".join(opts)
+
+
+def _mount_fs(
+    res: Resources,
+    raw: Path,
+    disk: Disk,
+    fs: Filesystem,
+    target_fd: int,
+    *,
+    writable: bool,
+    options: str,
+    what: str,
+) -> str:
+    region = region_of(disk, fs)
+    host_path = os.readlink(linux.fd_path(target_fd))
+    flags = linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
+    with linux.loop_device(raw, region.offset, region.size, read_only=False) as dev:
+        try:
+            linux.mount(dev, linux.fd_path(target_fd), fs.type, flags, options)
+        except OSError as e:
+            raise CareenError(
+                f"the host kernel cannot mount the {fs.type} filesystem on {fs.source} "
+                f"({what}): {e.strerror}",
+                hint="its features may be too new or too old for this kernel (see dmesg); "
+                "use --backend appliance",
+            ) from e
+    res.release(f"mount {host_path}", lambda: unmount(host_path))
+    return host_path
+
+
+def unmount(path: str) -> None:
+    """Unmount, ending any process that still uses the tree; retry a little."""
+    for attempt in range(5):
+        try:
+            linux.umount(path, _UMOUNT_NOFOLLOW)
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or attempt == 4:
+                raise
+            kill_processes_under(path)
+            time.sleep(0.2 * (attempt + 1))
+
+
+def kill_processes_under(path: str) -> list[int]:
+    """SIGKILL every process whose root or working directory lies under `path`."""
+    killed = []
+    prefix = path.rstrip("/") + "/"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        for link in ("root", "cwd"):
+            try:
+                target = os.readlink(f"/proc/{entry}/{link}")
+            except OSError:
+                continue
+            if target == path or target.startswith(prefix):
+                log.warning("ending process %s, which still uses %s", entry, path)
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                    killed.append(int(entry))
+                except ProcessLookupError:
+                    pass
+                break
+    return killed
+
+
+def _candidates(disk: Disk) -> list[Filesystem]:
+    """Filesystems that could be the root, most likely first."""
+    found = [fs for fs in disk.filesystems if fs.type in LINUX_FILESYSTEMS]
+
+    def rank(fs: Filesystem) -> tuple[int, int]:
+        named_root = fs.lv is not None and fs.lv.name in ("root", "lv_root", "rootlv")
+        size = fs.region.size if fs.region else 0
+        return (0 if named_root else 1, -size)
+
+    return sorted(found, key=rank)
+
+
+def _looks_like_root(root_fd: int) -> bool:
+    for path in ("etc/fstab", "etc/os-release", "usr/lib/os-release"):
+        try:
+            os.close(linux.open_in_root(root_fd, path, os.O_PATH))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def find_root(raw: Path, disk: Disk, probe_dir: Path) -> Filesystem:
+    """Mount each candidate read-only until one holds a Linux root (etc/fstab)."""
+    refusals: list[str] = []
+    probe_dir.mkdir(exist_ok=True)
+    for fs in _candidates(disk):
+        try:
+            region_of(disk, fs)
+        except CareenError as e:
+            refusals.append(e.message)
+            continue
+        with Resources() as res, linux.opened(os.open(probe_dir, os.O_PATH)) as fd:
+            _mount_fs(res, raw, disk, fs, fd, writable=False, options=_mount_options(fs, None),
+                      what="looking for the root")  # fmt: skip
+            with linux.opened(os.open(probe_dir, os.O_PATH | os.O_DIRECTORY)) as root_fd:
+                if _looks_like_root(root_fd):
+                    return fs
+    if refusals:
+        raise CareenError("no mountable Linux root found: " + "; ".join(refusals),
+                          hint="use --backend appliance")  # fmt: skip
+    kinds = ", ".join(sorted({fs.type for fs in disk.filesystems})) or "none"
+    raise CareenError(
+        f"no Linux root filesystem found in {disk.image.path} (filesystems: {kinds})",
+        hint="careen refits Linux images on this backend; check that this is a system disk",
+    )
+
+
+def _entry_for(fs: Filesystem, fstab: Sequence[FstabEntry]) -> FstabEntry | None:
+    names = {n.lower() for n in fs.names}
+    for entry in fstab:
+        if entry.mountpoint == "/" and entry.spec.lower() in names:
+            return entry
+    return None
+
+
+def _match(entry: FstabEntry, disk: Disk) -> Filesystem | None:
+    spec = entry.spec.lower()
+    for fs in disk.filesystems:
+        if spec in {n.lower() for n in fs.names}:
+            return fs
+    return None
+
+
+def _needs_mount(entry: FstabEntry) -> bool:
+    return (
+        entry.mountpoint.startswith("/")
+        and entry.mountpoint != "/"
+        and entry.type not in _SKIP_TYPES
+        and "noauto" not in entry.options
+        and "bind" not in entry.options
+    )
+
+
+@contextmanager
+def mount_tree(raw: Path, disk: Disk, root_fs: Filesystem, workdir: Path, *,
+               writable: bool) -> Iterator[GuestTree]:  # fmt: skip
+    """Mount the root at WORKDIR/root and then what the guest's fstab mounts."""
+    root = workdir / "root"
+    root.mkdir(exist_ok=True)
+    with Resources() as res:
+        title = f"Mounting the root ({root_fs.type} on {root_fs.source})"
+        with step(title), linux.opened(os.open(root, os.O_PATH | os.O_DIRECTORY)) as fd:
+            host = _mount_fs(res, raw, disk, root_fs, fd, writable=writable,
+                             options=_mount_options(root_fs, None), what="/")  # fmt: skip
+        tree = GuestTree(root=root, mounts=[Mounted("/", host, root_fs, writable)])
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        res.callback(os.close, root_fd)
+        tree.fstab = _read_fstab(root_fd)
+        entry = _entry_for(root_fs, tree.fstab)
+        if entry and entry.subvolume:
+            raise CareenError("btrfs roots on a subvolume are not supported on the host yet",
+                              hint="use --backend appliance")  # fmt: skip
+        entries = sorted(filter(_needs_mount, tree.fstab), key=lambda e: e.mountpoint.count("/"))
+        for entry in entries:
+            _mount_entry(res, raw, disk, tree, root_fd, entry, writable=writable)
+        yield tree
+
+
+def _read_fstab(root_fd: int) -> tuple[FstabEntry, ...]:
+    try:
+        fd = linux.open_in_root(root_fd, "/etc/fstab", os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return ()
+    with linux.opened(fd):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CareenError("the guest's /etc/fstab is not a regular file")
+        return parse_fstab(os.read(fd, 1 << 20).decode(errors="replace"))
+
+
+def _mount_entry(
+    res: Resources,
+    raw: Path,
+    disk: Disk,
+    tree: GuestTree,
+    root_fd: int,
+    entry: FstabEntry,
+    *,
+    writable: bool,
+) -> None:
+    fs = _match(entry, disk)
+    where = f"{entry.mountpoint} ({entry.spec})"
+    if fs is None:
+        tree.notes.append(f"fstab mounts {where}, which is not on this disk; left unmounted")
+        log.warning("%s", tree.notes[-1])
+        return
+    if fs.type not in linux.filesystems_supported():
+        if entry.mountpoint in ESP_MOUNTPOINTS:
+            tree.esp_unmounted = True
+            tree.notes.append(f"this kernel cannot mount {fs.type} ({where}): boot-loader "
+                              "packages are held back for this run")  # fmt: skip
+            log.warning("%s", tree.notes[-1])
+            return
+        raise CareenError(f"this kernel cannot mount {fs.type}, which the guest needs at {where}",
+                          hint="use --backend appliance")  # fmt: skip
+    try:
+        target = linux.open_in_root(root_fd, entry.mountpoint, os.O_PATH | os.O_DIRECTORY)
+    except OSError as e:
+        tree.notes.append(f"cannot mount {where}: the mount point: {e.strerror}")
+        log.warning("%s", tree.notes[-1])
+        return
+    with step(f"Mounting {entry.mountpoint} ({fs.type} on {fs.source})"), linux.opened(target):
+        host = _mount_fs(res, raw, disk, fs, target, writable=writable,
+                         options=_mount_options(fs, entry), what=entry.mountpoint)  # fmt: skip
+    tree.mounts.append(Mounted(entry.mountpoint, host, fs, writable))

@@ -1,0 +1,1 @@
+"""Guests: the tree of a mounted image, and how careen changes it."""

@@ -1,0 +1,1 @@
+"""Built-in recipes, as YAML files."""
