@@ -35,6 +35,7 @@ class ImageInfo:
     virtual_size: int
     actual_size: int
     backing_file: Path | None = None  # only when the user named it
+    backing_format: ImageFormat | None = None  # probed from backing_file itself
     data_file: Path | None = None  # only when the user named it
     cluster_size: int | None = None
 
