@@ -204,6 +204,7 @@ def _jsonable(obj: object) -> Any:
             "os": _jsonable(obj.os),
             "changes": obj.changes.as_dict(),
             "notes": obj.notes,
+            "mounts": obj.mounts,
         }
     data = asdict(obj)  # type: ignore[call-overload]
     return json.loads(json.dumps(data, default=str))

@@ -53,6 +53,7 @@ class RefitResult:
     os: OSInfo
     changes: changes.Changes
     notes: list[str] = field(default_factory=list)
+    mounts: list[dict[str, str]] = field(default_factory=list)  # what was mounted where
 
 
 @contextmanager
@@ -168,7 +169,9 @@ def _change_guest(opts: RefitOptions, info: ImageInfo, att: Attached) -> RefitRe
         ops.apply_steps(ctx, opts.recipe.all_steps)
     after = changes.snapshot(att.guest, _installed(ctx))
     notes = [*att.tree.notes, *ctx.notes]
-    return RefitResult(info, opts.output, facts, changes.diff(before, after), notes)
+    mounts = [{"guest": m.guest_path, "source": m.fs.source, "type": m.fs.type}
+              for m in att.tree.mounts]  # fmt: skip
+    return RefitResult(info, opts.output, facts, changes.diff(before, after), notes, mounts)
 
 
 def _installed(ctx: ops.Context) -> dict[str, str]:
