@@ -111,13 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     ref.add_argument("--workdir", type=Path, help="where the overlay goes (default: beside -o)")
     ref.add_argument("--backing-file", type=Path, help="allow this backing file of the source")
     ref.add_argument("--data-file", type=Path, help="allow this external data file")
-    ref.add_argument("--timeout", type=float, default=3600.0,
-                     help="seconds one command in the guest may run")  # fmt: skip
+    ref.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds one command in the guest may run"
+    )
     ref.add_argument("--format", choices=("text", "json"), default="text")
     ops = ref.add_argument_group("operations (appended after the recipe's steps, in order)")
     for flag, (metavar, text) in _VALUED_OPS.items():
-        ops.add_argument(flag, action=_OpAction, const=flag[2:], metavar=metavar, help=text,
-                         dest="ops")  # fmt: skip
+        ops.add_argument(
+            flag, action=_OpAction, const=flag[2:], metavar=metavar, help=text, dest="ops"
+        )
     for flag, (op, text) in _FLAG_OPS.items():
         ops.add_argument(flag, action=_OpAction, const=op, nargs=0, help=text, dest="ops")
     return p
@@ -221,25 +223,38 @@ def _size(n: int) -> str:
 def _print_disk(disk: Disk) -> None:
     out = Console()
     img = disk.image
-    out.print(f"[bold]{img.path}[/]: {img.format}, virtual size {_size(img.virtual_size)}, "
-              f"{_size(img.actual_size)} on disk")  # fmt: skip
+    out.print(
+        f"[bold]{img.path}[/]: {img.format}, virtual size {_size(img.virtual_size)}, "
+        f"{_size(img.actual_size)} on disk"
+    )
     if disk.table:
         t = Table(title=f"Partition table ({disk.table.label})", title_justify="left")
         for col in ("#", "start", "size", "type", "name"):
             t.add_column(col)
         for part in disk.table.partitions:
-            t.add_row(str(part.number), str(part.region.offset), _size(part.region.size),
-                      part.type, part.name or "")  # fmt: skip
+            t.add_row(
+                str(part.number),
+                str(part.region.offset),
+                _size(part.region.size),
+                part.type,
+                part.name or "",
+            )
         out.print(t)
     else:
         out.print("No partition table (a filesystem on the whole disk)")
     for vg in disk.volume_groups:
-        t = Table(title=f"LVM volume group {vg.name}", title_justify="left")
-        for col in ("LV", "size", "layout"):
+        pvs = ", ".join(
+            next((fs.source for fs in disk.filesystems if fs.region == pv.region), pv.name)
+            for pv in vg.pvs
+        )
+        title = f"LVM volume group {vg.name} (extent {_size(vg.extent_size)}, PVs: {pvs})"
+        t = Table(title=title, title_justify="left")
+        for col in ("LV", "size", "layout", "segments"):
             t.add_column(col)
         for lv in vg.lvs:
             size = sum(s.extent_count for s in lv.segments) * vg.extent_size
-            t.add_row(lv.name, _size(size), lv.layout)
+            segs = ", ".join(f"{s.type}x{len(s.stripes)}" for s in lv.segments)
+            t.add_row(lv.name, _size(size), lv.layout, segs)
         out.print(t)
     t = Table(title="Filesystems", title_justify="left")
     for col in ("on", "type", "UUID", "label", "mounted at"):

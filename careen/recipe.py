@@ -232,9 +232,9 @@ def _host_file(text: str, where: _Where, base: Path) -> Path:
     return path
 
 
-def _fields(node: yaml.Node, where: _Where, allowed: set[str], required: set[str]) -> dict[
-    str, yaml.Node
-]:  # fmt: skip
+def _fields(
+    node: yaml.Node, where: _Where, allowed: set[str], required: set[str]
+) -> dict[str, yaml.Node]:
     m = _mapping(node, where)
     for key, (knode, _) in m.items():
         if key not in allowed:
@@ -251,7 +251,7 @@ def parse_step(node: yaml.Node, where: _Where, base: Path) -> Step:
     m = _mapping(node, where)
     if len(m) != 1:
         raise where.fail(f"a step is a mapping with exactly one operation, got {sorted(m)}")
-    (key, (knode, value)), = m.items()  # fmt: skip
+    ((key, (knode, value)),) = m.items()
     try:
         op = Op(key)
     except ValueError:

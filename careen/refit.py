@@ -77,8 +77,9 @@ class Attached:
 
 
 @contextmanager
-def attach(info: ImageInfo, image: Path, fmt: ImageFormat, work: Path, *,
-           writable: bool) -> Iterator[Attached]:  # fmt: skip
+def attach(
+    info: ImageInfo, image: Path, fmt: ImageFormat, work: Path, *, writable: bool
+) -> Iterator[Attached]:
     """Mount the guest held in `image` (the overlay, or the source when in place)."""
     with Resources() as res:
         raw = res.enter_context(export.raw_view(image, fmt, work, writable=True))
@@ -90,7 +91,7 @@ def attach(info: ImageInfo, image: Path, fmt: ImageFormat, work: Path, *,
         guest = RootGuest(tree.root, hostname=_hostname(tree.root))
         res.callback(guest.close)
         facts = osinfo.detect(guest, tree.fstab)
-        disk = Disk(info, table, vgs, fss, root_fs, facts, tuple(tree.notes))
+        disk = Disk(info, table, vgs, fss, root_fs.fs, facts, tuple(tree.notes))
         yield Attached(disk, tree, guest)
 
 
@@ -127,8 +128,7 @@ def _check_recipe(recipe: Recipe, facts: OSInfo) -> None:
 def refit(opts: RefitOptions) -> RefitResult:
     if not opts.in_place and opts.output is None:
         raise CareenError("refit needs an output (-o FILE), or --in-place")
-    info = probe.probe_image(opts.source, backing_file=opts.backing_file,
-                             data_file=opts.data_file)  # fmt: skip
+    info = probe.probe_image(opts.source, backing_file=opts.backing_file, data_file=opts.data_file)
     if opts.output is not None:
         check_destination(opts.output, opts.source, force=opts.force)
     host.require_root("refit")
@@ -169,8 +169,9 @@ def _change_guest(opts: RefitOptions, info: ImageInfo, att: Attached) -> RefitRe
         ops.apply_steps(ctx, opts.recipe.all_steps)
     after = changes.snapshot(att.guest, _installed(ctx))
     notes = [*att.tree.notes, *ctx.notes]
-    mounts = [{"guest": m.guest_path, "source": m.fs.source, "type": m.fs.type}
-              for m in att.tree.mounts]  # fmt: skip
+    mounts = [
+        {"guest": m.guest_path, "source": m.fs.source, "type": m.fs.type} for m in att.tree.mounts
+    ]
     return RefitResult(info, opts.output, facts, changes.diff(before, after), notes, mounts)
 
 
@@ -188,8 +189,10 @@ def _boot_loader_held(ctx: ops.Context, esp_unmounted: bool) -> Iterator[None]:
             yield
         return
     held = ctx.packages.hold(ctx.guest, pkg.BOOT_LOADER_PATTERNS)
-    ctx.notes.append("boot-loader packages held back (EFI partition not mounted): "
-                     + (", ".join(held) or "none installed"))  # fmt: skip
+    ctx.notes.append(
+        "boot-loader packages held back (EFI partition not mounted): "
+        + (", ".join(held) or "none installed")
+    )
     try:
         yield
     finally:

@@ -16,7 +16,7 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ class GuestTree:
 
     root: Path
     mounts: list[Mounted] = field(default_factory=list)
+    devices: dict[Region, str] = field(default_factory=dict)  # loop device per region
     fstab: tuple[FstabEntry, ...] = ()
     notes: list[str] = field(default_factory=list)
     esp_unmounted: bool = False
@@ -83,14 +84,21 @@ def region_of(disk: Disk, fs: Filesystem) -> Region:
     raise CareenError(f"{fs.source} does not lie in one contiguous range of the disk")
 
 
-def _mount_options(fs: Filesystem, entry: FstabEntry | None) -> str:
+def _mount_options(fs: Filesystem, subvol: str | None = None) -> str:
     opts = []
     if fs.type == "xfs":
         opts.append("nouuid")
-    subvol = entry.subvolume if entry else None
     if fs.type == "btrfs" and subvol:
         opts.append(f"subvol={subvol}")
     return ",".join(opts)
+
+
+@dataclass(frozen=True)
+class Root:
+    """The guest's root filesystem, and the btrfs subvolume holding it, if any."""
+
+    fs: Filesystem
+    subvol: str | None = None
 
 
 def _mount_fs(
@@ -103,22 +111,40 @@ def _mount_fs(
     writable: bool,
     options: str,
     what: str,
+    devices: dict[Region, str] | None = None,
 ) -> str:
+    """Mount `fs` on the directory behind `target_fd`; returns the mount's host path.
+
+    A filesystem mounted a second time (btrfs subvolumes, say) reuses the loop device of
+    the first mount, which holds it: two loop devices over the same bytes would be two
+    caches of one filesystem, and writes through one would be lost.
+    """
     region = region_of(disk, fs)
     host_path = os.readlink(linux.fd_path(target_fd))
-    flags = linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
-    with linux.loop_device(raw, region.offset, region.size, read_only=False) as dev:
-        try:
-            linux.mount(dev, linux.fd_path(target_fd), fs.type, flags, options)
-        except OSError as e:
-            raise CareenError(
-                f"the host kernel cannot mount the {fs.type} filesystem on {fs.source} "
-                f"({what}): {e.strerror}",
-                hint="its features may be too new or too old for this kernel (see dmesg); "
-                "use --backend appliance",
-            ) from e
+    if devices is not None and region in devices:
+        _mount_device(devices[region], target_fd, fs, writable, options, what)
+    else:
+        with linux.loop_device(raw, region.offset, region.size, read_only=False) as dev:
+            _mount_device(dev, target_fd, fs, writable, options, what)
+        if devices is not None:
+            devices[region] = dev
     res.release(f"mount {host_path}", lambda: unmount(host_path))
     return host_path
+
+
+def _mount_device(
+    dev: str, target_fd: int, fs: Filesystem, writable: bool, options: str, what: str
+) -> None:
+    flags = linux.MS_NODEV | (0 if writable else linux.MS_RDONLY)
+    try:
+        linux.mount(dev, linux.fd_path(target_fd), fs.type, flags, options)
+    except OSError as e:
+        raise CareenError(
+            f"the host kernel cannot mount the {fs.type} filesystem on {fs.source} "
+            f"({what}): {e.strerror}",
+            hint="its features may be too new or too old for this kernel (see dmesg); "
+            "use --backend appliance",
+        ) from e
 
 
 def unmount(path: str) -> None:
@@ -179,7 +205,43 @@ def _looks_like_root(root_fd: int) -> bool:
     return False
 
 
-def find_root(raw: Path, disk: Disk, probe_dir: Path) -> Filesystem:
+def _root_subvolume(top_fd: int) -> str | None:
+    """The top-level directory of a btrfs that holds the root (Fedora's `root`, `@`)."""
+    with linux.opened(os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=top_fd)) as fd:
+        names = sorted(os.listdir(fd))[:64]
+    for name in ("@", "root", "@rootfs", *names):
+        try:
+            sub = linux.open_in_root(top_fd, name, os.O_PATH | os.O_DIRECTORY)
+        except OSError:
+            continue
+        with linux.opened(sub):
+            if _looks_like_root(sub):
+                return name
+    return None
+
+
+def _probe_root(raw: Path, disk: Disk, fs: Filesystem, probe_dir: Path) -> Root | None:
+    with Resources() as res, linux.opened(os.open(probe_dir, os.O_PATH)) as fd:
+        _mount_fs(
+            res,
+            raw,
+            disk,
+            fs,
+            fd,
+            writable=False,
+            options=_mount_options(fs),
+            what="looking for the root",
+        )
+        with linux.opened(os.open(probe_dir, os.O_PATH | os.O_DIRECTORY)) as top:
+            if _looks_like_root(top):
+                found: Root | None = Root(fs)
+            else:
+                subvol = _root_subvolume(top) if fs.type == "btrfs" else None
+                found = Root(fs, subvol) if subvol else None
+    return found
+
+
+def find_root(raw: Path, disk: Disk, probe_dir: Path) -> Root:
     """Mount each candidate read-only until one holds a Linux root (etc/fstab)."""
     refusals: list[str] = []
     probe_dir.mkdir(exist_ok=True)
@@ -189,28 +251,18 @@ def find_root(raw: Path, disk: Disk, probe_dir: Path) -> Filesystem:
         except CareenError as e:
             refusals.append(e.message)
             continue
-        with Resources() as res, linux.opened(os.open(probe_dir, os.O_PATH)) as fd:
-            _mount_fs(res, raw, disk, fs, fd, writable=False, options=_mount_options(fs, None),
-                      what="looking for the root")  # fmt: skip
-            with linux.opened(os.open(probe_dir, os.O_PATH | os.O_DIRECTORY)) as root_fd:
-                if _looks_like_root(root_fd):
-                    return fs
+        root = _probe_root(raw, disk, fs, probe_dir)
+        if root is not None:
+            return root
     if refusals:
-        raise CareenError("no mountable Linux root found: " + "; ".join(refusals),
-                          hint="use --backend appliance")  # fmt: skip
+        raise CareenError(
+            "no mountable Linux root found: " + "; ".join(refusals), hint="use --backend appliance"
+        )
     kinds = ", ".join(sorted({fs.type for fs in disk.filesystems})) or "none"
     raise CareenError(
         f"no Linux root filesystem found in {disk.image.path} (filesystems: {kinds})",
         hint="careen refits Linux images on this backend; check that this is a system disk",
     )
-
-
-def _entry_for(fs: Filesystem, fstab: Sequence[FstabEntry]) -> FstabEntry | None:
-    names = {n.lower() for n in fs.names}
-    for entry in fstab:
-        if entry.mountpoint == "/" and entry.spec.lower() in names:
-            return entry
-    return None
 
 
 def _match(entry: FstabEntry, disk: Disk) -> Filesystem | None:
@@ -232,24 +284,34 @@ def _needs_mount(entry: FstabEntry) -> bool:
 
 
 @contextmanager
-def mount_tree(raw: Path, disk: Disk, root_fs: Filesystem, workdir: Path, *,
-               writable: bool) -> Iterator[GuestTree]:  # fmt: skip
+def mount_tree(
+    raw: Path, disk: Disk, root_fs: Root, workdir: Path, *, writable: bool
+) -> Iterator[GuestTree]:
     """Mount the root at WORKDIR/root and then what the guest's fstab mounts."""
     root = workdir / "root"
     root.mkdir(exist_ok=True)
+    fs = root_fs.fs
     with Resources() as res:
-        title = f"Mounting the root ({root_fs.type} on {root_fs.source})"
+        title = f"Mounting the root ({fs.type} on {fs.source})"
+        if root_fs.subvol:
+            title += f", subvolume {root_fs.subvol}"
+        tree = GuestTree(root=root)
         with step(title), linux.opened(os.open(root, os.O_PATH | os.O_DIRECTORY)) as fd:
-            host = _mount_fs(res, raw, disk, root_fs, fd, writable=writable,
-                             options=_mount_options(root_fs, None), what="/")  # fmt: skip
-        tree = GuestTree(root=root, mounts=[Mounted("/", host, root_fs, writable)])
+            host = _mount_fs(
+                res,
+                raw,
+                disk,
+                fs,
+                fd,
+                writable=writable,
+                options=_mount_options(fs, root_fs.subvol),
+                what="/",
+                devices=tree.devices,
+            )
+        tree.mounts.append(Mounted("/", host, fs, writable))
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         res.callback(os.close, root_fd)
         tree.fstab = _read_fstab(root_fd)
-        entry = _entry_for(root_fs, tree.fstab)
-        if entry and entry.subvolume:
-            raise CareenError("btrfs roots on a subvolume are not supported on the host yet",
-                              hint="use --backend appliance")  # fmt: skip
         entries = sorted(filter(_needs_mount, tree.fstab), key=lambda e: e.mountpoint.count("/"))
         for entry in entries:
             _mount_entry(res, raw, disk, tree, root_fd, entry, writable=writable)
@@ -286,12 +348,16 @@ def _mount_entry(
     if fs.type not in linux.filesystems_supported():
         if entry.mountpoint in ESP_MOUNTPOINTS:
             tree.esp_unmounted = True
-            tree.notes.append(f"this kernel cannot mount {fs.type} ({where}): boot-loader "
-                              "packages are held back for this run")  # fmt: skip
+            tree.notes.append(
+                f"this kernel cannot mount {fs.type} ({where}): boot-loader "
+                "packages are held back for this run"
+            )
             log.warning("%s", tree.notes[-1])
             return
-        raise CareenError(f"this kernel cannot mount {fs.type}, which the guest needs at {where}",
-                          hint="use --backend appliance")  # fmt: skip
+        raise CareenError(
+            f"this kernel cannot mount {fs.type}, which the guest needs at {where}",
+            hint="use --backend appliance",
+        )
     try:
         target = linux.open_in_root(root_fd, entry.mountpoint, os.O_PATH | os.O_DIRECTORY)
     except OSError as e:
@@ -299,6 +365,15 @@ def _mount_entry(
         log.warning("%s", tree.notes[-1])
         return
     with step(f"Mounting {entry.mountpoint} ({fs.type} on {fs.source})"), linux.opened(target):
-        host = _mount_fs(res, raw, disk, fs, target, writable=writable,
-                         options=_mount_options(fs, entry), what=entry.mountpoint)  # fmt: skip
+        host = _mount_fs(
+            res,
+            raw,
+            disk,
+            fs,
+            target,
+            writable=writable,
+            options=_mount_options(fs, entry.subvolume),
+            what=entry.mountpoint,
+            devices=tree.devices,
+        )
     tree.mounts.append(Mounted(entry.mountpoint, host, fs, writable))

@@ -120,8 +120,9 @@ class RootGuest:
         """Write a regular file; a symlink or special file in its place is replaced."""
         with self._parent(path) as (dfd, name):
             tmp = f".{name}.careen-tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
-                         dir_fd=dfd)  # fmt: skip
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd
+            )
             try:
                 with linux.opened(fd):
                     os.write(fd, data)

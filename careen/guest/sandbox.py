@@ -155,8 +155,13 @@ def _populate_dev(root_fd: int) -> None:
             os.symlink(target, name, dir_fd=dev)
         os.mkdir("pts", 0o755, dir_fd=dev)
         os.mkdir("shm", 0o1777, dir_fd=dev)
-    _mount_on(root_fd, "dev/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
-              "newinstance,ptmxmode=0666,mode=0620")  # fmt: skip
+    _mount_on(
+        root_fd,
+        "dev/pts",
+        "devpts",
+        linux.MS_NOSUID | linux.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
     _mount_on(root_fd, "dev/shm", "tmpfs", _NOSUID_NODEV, "mode=1777")
 
 

@@ -50,8 +50,9 @@ def save(guest: Guest, path: str) -> Saved:
         return Saved(path, "symlink", target=guest.readlink(path))
     if stat.S_ISREG(st.st_mode):
         data = guest.read_bytes(path)
-        return Saved(path, "file", data=data, mode=stat.S_IMODE(st.st_mode),
-                     uid=st.st_uid, gid=st.st_gid)  # fmt: skip
+        return Saved(
+            path, "file", data=data, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid
+        )
     raise OSError(f"the guest's {path} is neither a file nor a symlink; refusing to replace it")
 
 

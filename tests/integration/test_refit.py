@@ -58,12 +58,23 @@ def refit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     host_before = host_state()
     proc = subprocess.run(
         [CAREEN, "refit", source, "-o", out, "--format", "json"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     host_after = host_state()
     assert proc.returncode == 0, proc.stderr
-    return Refit(layout, source, out, proc, json.loads(proc.stdout), sha_before,
-                 sha256(source), host_before, host_after)  # fmt: skip
+    return Refit(
+        layout,
+        source,
+        out,
+        proc,
+        json.loads(proc.stdout),
+        sha_before,
+        sha256(source),
+        host_before,
+        host_after,
+    )
 
 
 @pytest.fixture(scope="module")

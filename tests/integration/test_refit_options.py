@@ -25,8 +25,9 @@ MiB = 1 << 20
 
 
 def careen(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(CAREEN), *map(str, args)], capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [str(CAREEN), *map(str, args)], capture_output=True, text=True, timeout=900
+    )
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -92,8 +93,9 @@ def host_vg_centos(tmp_path: Path) -> Iterator[tuple[str, str]]:
 def test_host_vg_with_the_guests_name(host_vg_centos: tuple[str, str], tmp_path: Path) -> None:
     dev, uuid = host_vg_centos
     out = tmp_path / "out.qcow2"
-    proc = careen("refit", sample_image(Layout.LVM), "-o", out, "-r", "reset-identity",
-                  "--format", "json")  # fmt: skip
+    proc = careen(
+        "refit", sample_image(Layout.LVM), "-o", out, "-r", "reset-identity", "--format", "json"
+    )
     assert {m["guest"] for m in result(proc)["mounts"]} == {"/", "/boot"}
     cfg = ["--devices", dev, "--config", verify.LVM_CONFIG]
     assert verify.sh("vgs", *cfg, "--noheadings", "-o", "vg_uuid", "centos").strip() == uuid
@@ -129,8 +131,13 @@ def _esp_image(tmp: Path) -> tuple[Path, int, int]:
     shutil.copytree(dpkg, tmp / "dpkg", symlinks=True)
     shutil.rmtree(dpkg)
     shutil.copytree(tmp / "dpkg", dpkg, symlinks=True)
-    verify.sh("dpkg", f"--root={root}", "--force-script-chrootless", "-i",
-              _dummy_deb(tmp, "grub-efi-amd64", "2.06-13"))  # fmt: skip
+    verify.sh(
+        "dpkg",
+        f"--root={root}",
+        "--force-script-chrootless",
+        "-i",
+        _dummy_deb(tmp, "grub-efi-amd64", "2.06-13"),
+    )
     (root / "boot/efi").mkdir(parents=True, exist_ok=True)
     (root / "etc/fstab").unlink()
     (root / "etc/fstab").write_text(
@@ -146,8 +153,20 @@ def _esp_image(tmp: Path) -> tuple[Path, int, int]:
     subprocess.run(["sfdisk", "-q", str(disk)], input=script, text=True, check=True)
     verify.sh("mkfs.vfat", "-F", "16", "-n", "ESP", "--offset", "2048", disk, str(64 * 1024))
     size_k = 3840000 * 512 // 1024
-    verify.sh("mke2fs", "-q", "-t", "ext4", "-L", "root", "-d", root, "-E",
-              f"offset={133120 * 512}", disk, f"{size_k}k")  # fmt: skip
+    verify.sh(
+        "mke2fs",
+        "-q",
+        "-t",
+        "ext4",
+        "-L",
+        "root",
+        "-d",
+        root,
+        "-E",
+        f"offset={133120 * 512}",
+        disk,
+        f"{size_k}k",
+    )
     return disk, 2048 * 512, 64 * MiB
 
 
@@ -164,16 +183,28 @@ def test_unmountable_esp_holds_back_boot_loader_packages(tmp_path: Path) -> None
     disk, esp_offset, esp_size = _esp_image(tmp_path)
     esp_before = _region_sha(disk, esp_offset, esp_size)
     out = tmp_path / "out.raw"
-    proc = careen("refit", disk, "-o", out, "-O", "raw", "--format", "json",
-                  "--run", "apt-mark showhold > /root/held-during-run")  # fmt: skip
+    proc = careen(
+        "refit",
+        disk,
+        "-o",
+        out,
+        "-O",
+        "raw",
+        "--format",
+        "json",
+        "--run",
+        "apt-mark showhold > /root/held-during-run",
+    )
     data = result(proc)
-    assert any("boot-loader packages held back" in n and "grub-efi-amd64" in n
-               for n in data["notes"]), data["notes"]  # fmt: skip
+    assert any(
+        "boot-loader packages held back" in n and "grub-efi-amd64" in n for n in data["notes"]
+    ), data["notes"]
     assert _region_sha(out, esp_offset, esp_size) == esp_before
     with verify.mounted_root(out) as root:
         assert (root / "root/held-during-run").read_text().split() == ["grub-efi-amd64"]
-        held = subprocess.run(["apt-mark", f"--root={root}", "showhold"],
-                              capture_output=True, text=True)  # fmt: skip
+        held = subprocess.run(
+            ["apt-mark", f"--root={root}", "showhold"], capture_output=True, text=True
+        )
         assert "grub-efi-amd64" not in held.stdout  # released again after the run
 
 
@@ -189,10 +220,76 @@ def test_install_from_the_real_debian_mirror(tmp_path: Path) -> None:
         "  - clean-caches: true\n"
     )
     out = tmp_path / "out.qcow2"
-    proc = careen("refit", sample_image(Layout.MBR_QCOW2), "-o", out, "-r", recipe,
-                  "--format", "json")  # fmt: skip
+    proc = careen(
+        "refit", sample_image(Layout.MBR_QCOW2), "-o", out, "-r", recipe, "--format", "json"
+    )
     installed = {p["name"] for p in result(proc)["changes"]["packages"]["installed"]}
     assert "hello" in installed
     with verify.mounted_root(out) as root:
         assert verify.dpkg_version(root, "hello") is not None
         assert (root / "usr/bin/hello").is_file()
+
+
+def _btrfs_image(tmp: Path) -> Path:
+    """An MBR disk whose one btrfs holds the root in subvolume `root` and /home in `home`,
+    as Fedora lays it out."""
+    disk = tmp / "btrfs.raw"
+    with disk.open("wb") as f:
+        f.truncate(2048 * MiB)
+    subprocess.run(
+        ["sfdisk", "-q", str(disk)], input="start=2048, type=83\n", text=True, check=True
+    )
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    with verify.ro_loop(disk, MiB, 2047 * MiB, writable=True) as dev:
+        verify.sh("mkfs.btrfs", "-q", "-L", "fedora", dev)
+        verify.sh("mount", dev, mnt)
+        try:
+            verify.sh("btrfs", "-q", "subvolume", "create", mnt / "root")
+            verify.sh("btrfs", "-q", "subvolume", "create", mnt / "home")
+            verify.sh("cp", "-a", f"{sample_root()}/.", mnt / "root")
+            (mnt / "root/etc/fstab").unlink()
+            (mnt / "root/etc/fstab").write_text(
+                "LABEL=fedora / btrfs subvol=root 0 0\nLABEL=fedora /home btrfs subvol=home 0 0\n"
+            )
+            (mnt / "home/marker").write_text("home subvolume\n")
+        finally:
+            verify.sh("umount", mnt)
+    return disk
+
+
+@pytest.mark.timeout(600)
+def test_btrfs_root_and_home_subvolumes(tmp_path: Path) -> None:
+    disk = _btrfs_image(tmp_path)
+    out = tmp_path / "out.raw"
+    proc = careen(
+        "refit",
+        disk,
+        "-o",
+        out,
+        "-O",
+        "raw",
+        "--format",
+        "json",
+        "-r",
+        "reset-identity",
+        "--write",
+        "/home/refitted:yes\n",
+    )
+    mounts = {m["guest"]: m for m in result(proc)["mounts"]}
+    assert mounts["/"]["type"] == mounts["/home"]["type"] == "btrfs"
+    mnt = tmp_path / "check"
+    mnt.mkdir()
+    with verify.ro_loop(out, MiB, 2047 * MiB) as dev:
+        verify.sh("mount", "-o", "ro,subvol=home", dev, mnt)
+        try:
+            assert (mnt / "refitted").read_text() == "yes\n"
+            assert (mnt / "marker").exists()
+        finally:
+            verify.sh("umount", mnt)
+        verify.sh("mount", "-o", "ro,subvol=root", dev, mnt)
+        try:
+            assert not (mnt / "var/lib/cloud/instances").exists()
+            assert not (mnt / "home/refitted").exists()
+        finally:
+            verify.sh("umount", mnt)

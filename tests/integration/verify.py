@@ -32,8 +32,10 @@ def sh(*argv: str | Path, check: bool = True) -> str:
 
 
 @contextmanager
-def ro_loop(image: Path, offset: int, size: int) -> Iterator[str]:
-    dev = sh("losetup", "-r", "-o", str(offset), "--sizelimit", str(size), "-f", "--show", image)
+def ro_loop(image: Path, offset: int, size: int, *, writable: bool = False) -> Iterator[str]:
+    """A loop device over a byte range of `image`, read-only unless asked."""
+    mode = [] if writable else ["-r"]
+    dev = sh("losetup", *mode, "-o", str(offset), "--sizelimit", str(size), "-f", "--show", image)
     try:
         yield dev.strip()
     finally:
@@ -49,8 +51,20 @@ class Volume:
 
 
 def _fs_type(raw: Path, offset: int, size: int) -> str:
-    out = sh("blkid", "-p", "-o", "value", "-s", "TYPE", "-O", str(offset), "-S", str(size),
-             raw, check=False)  # fmt: skip
+    out = sh(
+        "blkid",
+        "-p",
+        "-o",
+        "value",
+        "-s",
+        "TYPE",
+        "-O",
+        str(offset),
+        "-S",
+        str(size),
+        raw,
+        check=False,
+    )
     return out.strip()
 
 
@@ -60,8 +74,17 @@ def _lvm_volumes(raw: Path, part: Volume) -> list[Volume]:
         common = ["--devices", dev, "--config", LVM_CONFIG, "--reportformat", "json"]
         pvs = json.loads(sh("pvs", *common, "--units", "b", "--nosuffix", "-o", "pe_start"))
         pe_start = int(pvs["report"][0]["pv"][0]["pe_start"])
-        lvs = json.loads(sh("lvs", *common, "--units", "b", "--nosuffix", "-o",
-                            "vg_name,lv_name,seg_pe_ranges,vg_extent_size,seg_size"))  # fmt: skip
+        lvs = json.loads(
+            sh(
+                "lvs",
+                *common,
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "vg_name,lv_name,seg_pe_ranges,vg_extent_size,seg_size",
+            )
+        )
     for row in lvs["report"][0]["lv"]:
         first = int(re.findall(r":(\d+)-(\d+)", row["seg_pe_ranges"])[0][0])
         offset = part.offset + pe_start + first * int(row["vg_extent_size"])
@@ -132,8 +155,17 @@ def mounted_root(image: Path) -> Iterator[Path]:
 
 def dpkg_version(root: Path, package: str) -> str | None:
     done = subprocess.run(
-        ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Status} ${Version}",
-         package], capture_output=True, text=True)  # fmt: skip
+        [
+            "dpkg-query",
+            f"--admindir={root}/var/lib/dpkg",
+            "-W",
+            "-f",
+            "${Status} ${Version}",
+            package,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0 or "install ok installed" not in done.stdout:
         return None
     return done.stdout.split()[-1]
