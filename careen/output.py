@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from careen import run
+from careen import journal, run
 from careen.errors import CareenError, UsageError
 from careen.image.model import ImageFormat
 from careen.log import step
@@ -76,14 +76,18 @@ def write_image(
     argv: list[run.Arg] = ["qemu-img", "convert", "-f", fmt, "-O", out_fmt]
     if compress:
         argv.append("-c")
+    handle = journal.record("file", path=str(tmp), what="partial output")
     try:
         with step(f"Writing {dest} ({out_fmt}{', compressed' if compress else ''})"):
             run.run([*argv, image, tmp])
             _fsync_path(tmp)
+            journal.checkpoint("written")
             tmp.rename(dest)
             _fsync_path(dest.parent, directory=True)
+        handle.done()
     except BaseException as e:
         tmp.unlink(missing_ok=True)
+        handle.done()
         if isinstance(e, run.CommandError) and "No space left" in e.stderr:
             raise CareenError(
                 f"the disk holding {dest.parent} filled up while writing the output",

@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from careen import journal
 from careen.attach import export, host
 from careen.cleanup import Resources
 from careen.errors import CareenError
@@ -58,8 +59,10 @@ class RefitResult:
 
 @contextmanager
 def workdir(parent: Path | None) -> Iterator[Path]:
+    """A private directory for the overlay and mount points, removed afterwards."""
     base = parent or Path(tempfile.gettempdir())
     path = Path(tempfile.mkdtemp(prefix="careen-", dir=base))
+    handle = journal.record("dir", path=str(path), what="work directory")
     try:
         yield path
     finally:
@@ -67,6 +70,7 @@ def workdir(parent: Path | None) -> Iterator[Path]:
             with suppress(FileNotFoundError):
                 (path / leftover).rmdir()
         path.rmdir()
+        handle.done()
 
 
 @dataclass
@@ -88,6 +92,7 @@ def attach(
             disk = Disk(info, table, vgs, fss)
             root_fs = host.find_root(raw, disk, work / "probe")
         tree = res.enter_context(host.mount_tree(raw, disk, root_fs, work, writable=writable))
+        journal.checkpoint("mounted")
         guest = RootGuest(tree.root, hostname=_hostname(tree.root))
         res.callback(guest.close)
         facts = osinfo.detect(guest, tree.fstab)

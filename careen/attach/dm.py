@@ -64,9 +64,11 @@ def dm_name(run_id: str, vg: str, lv: str) -> str:
     """A device-mapper name that belongs to this run of careen and to this LV only.
 
     Dashes inside each part are doubled, as LVM does for its own names, so that a single
-    dash separates parts and `careen-a-b-c` cannot mean two different LVs. Characters that
-    udev would mangle in `/dev/mapper/` become `_`. An over-long name keeps a digest of the
-    full one, so it stays unique.
+    dash separates parts and `careen-a-b-c` cannot mean two different LVs. The single dashes
+    after `careen-` also mean no name LVM makes can ever equal it (LVM doubles every dash
+    after the first), whatever the host's VGs are called. Characters outside LVM's own name
+    alphabet, which udev would mangle in `/dev/mapper/`, become `_`. An over-long name keeps
+    a digest of the full one, so it stays unique.
     """
     parts = [_sanitise(p).replace("-", "--") for p in (run_id, vg, lv)]
     name = "careen-" + "-".join(parts)

@@ -4,9 +4,8 @@
   format recorded explicitly (`-F`), so qemu never probes it again. All writes land in
   the overlay; the source is opened read-only.
 - `raw_view()` exposes an image as a plain raw file: the file itself when it is raw,
-  otherwise a qemu-storage-daemon FUSE export (qemu-nbd needs the nbd module, which
-  many conversion hosts lack). `nbd_argv()` builds the qemu-nbd command for hosts that
-  have nbd.
+  a qemu-nbd block device where the host has nbd (`careen.attach.nbd`), otherwise a
+  qemu-storage-daemon FUSE export.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from careen import run
+from careen import journal, run
+from careen.attach import nbd
 from careen.errors import CareenError
 from careen.image.model import ImageFormat, ImageInfo
 from careen.log import step
@@ -36,12 +36,14 @@ def overlay(source: ImageInfo, path: Path) -> Iterator[Path]:
     argv: list[run.Arg] = ["qemu-img", "create", "-q", "-f", "qcow2"]
     argv += ["-o", f"backing_file={backing},backing_fmt={source.format.value}"]
     argv += ["-o", "lazy_refcounts=on", path]
-    with step(f"Creating a copy-on-write overlay over {source.path.name}"):
-        run.run(argv)
+    handle = journal.record("file", path=str(path), what="overlay")
     try:
+        with step(f"Creating a copy-on-write overlay over {source.path.name}"):
+            run.run(argv)
         yield path
     finally:
         path.unlink(missing_ok=True)
+        handle.done()
 
 
 def qsd_argv(image: Path, fmt: ImageFormat, mountpoint: Path, *, writable: bool) -> list[str]:
@@ -74,14 +76,6 @@ def qsd_argv(image: Path, fmt: ImageFormat, mountpoint: Path, *, writable: bool)
     ]
 
 
-def nbd_argv(image: Path, fmt: ImageFormat, device: str, *, writable: bool) -> list[str]:
-    """The qemu-nbd command that would attach `image` to `device` where nbd exists."""
-    argv = ["qemu-nbd", "--format", fmt.value, "--connect", device, "--discard=unmap"]
-    if not writable:
-        argv.append("--read-only")
-    return [*argv, str(image)]
-
-
 def _is_mounted(path: Path) -> bool:
     return os.stat(path).st_dev != os.stat(path.parent).st_dev
 
@@ -92,24 +86,52 @@ def raw_view(image: Path, fmt: ImageFormat, workdir: Path, *, writable: bool) ->
     if fmt is ImageFormat.RAW:
         yield image
         return
+    if nbd.nbd_usable():
+        handle = journal.record("nbd", image=str(image))
+        try:
+            with nbd.nbd_view(image, fmt, writable=writable) as device:
+                handle.note(device=str(device))
+                yield device
+        finally:
+            handle.done()
+        return
     mountpoint = workdir / "export.raw"
+    file_handle = journal.record("file", path=str(mountpoint), what="FUSE export mount point")
     mountpoint.touch()  # a FUSE export's mount point must be an existing regular file
+    try:
+        with _export_daemon(image, fmt, mountpoint, writable):
+            journal.checkpoint("exported")
+            yield mountpoint
+        if _is_mounted(mountpoint):
+            raise CareenError(
+                f"the FUSE export at {mountpoint} is still mounted after its daemon ended"
+            )
+    finally:
+        if not _is_mounted(mountpoint):
+            mountpoint.unlink(missing_ok=True)
+            file_handle.done()
+
+
+@contextmanager
+def _export_daemon(
+    image: Path, fmt: ImageFormat, mountpoint: Path, writable: bool
+) -> Iterator[run.Daemon]:
+    argv = qsd_argv(image, fmt, mountpoint, writable=writable)
+    handle = journal.record("daemon", argv0=argv[0], mountpoint=str(mountpoint))
     with step(f"Exporting {image.name} as raw through qemu-storage-daemon"):
-        daemon = run.spawn(qsd_argv(image, fmt, mountpoint, writable=writable))
+        daemon = run.spawn(argv)
+        handle.note(pid=daemon.pid, start_time=journal.process_start_time(daemon.pid))
         try:
             _wait_for_export(daemon, mountpoint)
         except BaseException:
             daemon.stop()
-            mountpoint.unlink(missing_ok=True)
+            handle.done()
             raise
     try:
-        yield mountpoint
+        yield daemon
     finally:
         daemon.stop()
-        if _is_mounted(mountpoint):
-            log.error("the FUSE export at %s is still mounted after its daemon ended", mountpoint)
-        else:
-            mountpoint.unlink(missing_ok=True)
+        handle.done()
 
 
 def _wait_for_export(daemon: run.Daemon, mountpoint: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import signal
 import stat
 import time
@@ -21,7 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from careen import linux, run
+from careen import journal, linux, run
+from careen.attach import dm
 from careen.cleanup import Resources
 from careen.errors import CareenError
 from careen.image.filesystems import parse_fstab
@@ -53,7 +55,7 @@ class GuestTree:
 
     root: Path
     mounts: list[Mounted] = field(default_factory=list)
-    devices: dict[Region, str] = field(default_factory=dict)  # loop device per region
+    devices: dict[Region | str, str] = field(default_factory=dict)  # device per filesystem
     fstab: tuple[FstabEntry, ...] = ()
     notes: list[str] = field(default_factory=list)
     esp_unmounted: bool = False
@@ -111,7 +113,7 @@ def _mount_fs(
     writable: bool,
     options: str,
     what: str,
-    devices: dict[Region, str] | None = None,
+    devices: dict[Region | str, str] | None = None,
 ) -> str:
     """Mount `fs` on the directory behind `target_fd`; returns the mount's host path.
 
@@ -119,17 +121,57 @@ def _mount_fs(
     the first mount, which holds it: two loop devices over the same bytes would be two
     caches of one filesystem, and writes through one would be lost.
     """
-    region = region_of(disk, fs)
     host_path = os.readlink(linux.fd_path(target_fd))
-    if devices is not None and region in devices:
-        _mount_device(devices[region], target_fd, fs, writable, options, what)
-    else:
-        with linux.loop_device(raw, region.offset, region.size, read_only=False) as dev:
+    key: Region | str = fs.region or (fs.lv.uuid if fs.lv else fs.source)
+    handle = journal.record("mount", path=host_path, backing=str(raw), source=fs.source)
+    try:
+        if devices is not None and key in devices:
+            dev = devices[key]
+            handle.note(device=dev)
             _mount_device(dev, target_fd, fs, writable, options, what)
+        elif fs.region is None and fs.lv is not None and dm.dm_available():
+            dev = _assemble_lv(res, raw, disk, fs)
+            handle.note(device=dev)
+            _mount_device(dev, target_fd, fs, writable, options, what)
+        else:
+            region = region_of(disk, fs)
+            handle.note(offset=region.offset)
+            with linux.loop_device(raw, region.offset, region.size, read_only=False) as dev:
+                handle.note(device=dev)
+                _mount_device(dev, target_fd, fs, writable, options, what)
         if devices is not None:
-            devices[region] = dev
-    res.release(f"mount {host_path}", lambda: unmount(host_path))
+            devices[key] = dev
+    except BaseException:
+        handle.done()  # nothing is mounted, and the unmounted loop device cleared itself
+        raise
+
+    def release() -> None:
+        unmount(host_path)
+        handle.done()
+
+    res.release(f"mount {host_path}", release)
     return host_path
+
+
+def _assemble_lv(res: Resources, raw: Path, disk: Disk, fs: Filesystem) -> str:
+    """Assemble a non-linear LV with device-mapper, under a name unique to this run."""
+    assert fs.lv is not None
+    vg = next(vg for vg in disk.volume_groups if vg.name == fs.lv.vg)
+    run_id = journal.current_run_id() or secrets.token_hex(4)
+    name = dm.dm_name(run_id, vg.name, fs.lv.name)
+    handle = journal.record("dm", name=name)
+    device = res.enter_context(dm.lv_device(raw, vg, fs.lv, run_id, read_only=False))
+    res.callback(handle.done)  # runs after the device is removed (the stack unwinds LIFO)
+    return device
+
+
+def check_reachable(disk: Disk, fs: Filesystem) -> None:
+    """Refuse early a filesystem this host cannot assemble."""
+    if fs.region is None and fs.lv is not None and dm.dm_available():
+        vg = next(vg for vg in disk.volume_groups if vg.name == fs.lv.vg)
+        dm.check_lv(vg, fs.lv)
+    else:
+        region_of(disk, fs)
 
 
 def _mount_device(
@@ -247,7 +289,7 @@ def find_root(raw: Path, disk: Disk, probe_dir: Path) -> Root:
     probe_dir.mkdir(exist_ok=True)
     for fs in _candidates(disk):
         try:
-            region_of(disk, fs)
+            check_reachable(disk, fs)
         except CareenError as e:
             refusals.append(e.message)
             continue

@@ -4,14 +4,21 @@ Where the host has the nbd module, `qemu-nbd --connect` is the quickest raw view
 (or any format qemu reads): a real block device, with no FUSE in the data path. Hosts
 without the module use the qemu-storage-daemon FUSE export in `careen.attach.export`.
 
-`qemu-nbd --connect` daemonizes and returns, and the kernel device outlives careen if careen
-is killed: the device is found again by its `/sys/block/nbdN/pid`. On a normal exit careen
-flushes the device, disconnects it, and waits for the qemu-nbd server to end, so that the
-image is complete and unlocked before anything else (qemu-img convert, an upload) opens it.
+`qemu-nbd --connect` daemonizes and returns, so the device and its server outlive careen if
+careen is killed (`/sys/block/nbdN/pid` names the server, for a cleanup to find). On a
+normal exit careen flushes the device, disconnects it, and waits for the qemu-nbd server to
+end, so that the image is complete and unlocked before anything else (qemu-img convert, an
+upload) opens it.
+
+Where the nbd module's `max_part` is above 0 the kernel would scan the guest's partition
+table on the device, and the host's udev could autoactivate a guest VG it finds there
+(the VG name clash), so careen uses nbd only where `max_part` is 0 and otherwise falls
+back to the FUSE export.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -42,6 +49,19 @@ def nbd_available() -> bool:
     """Whether the nbd driver is here (loaded, or its nodes made) and qemu-nbd installed."""
     has_driver = SYS_MODULE.exists() or (DEV / "nbd0").exists()
     return has_driver and run.have("qemu-nbd")
+
+
+def nbd_usable() -> bool:
+    """nbd is here and will not expose the guest's partitions to the host's udev."""
+    if not nbd_available():
+        return False
+    try:
+        max_part = int((SYS_MODULE / "parameters/max_part").read_text().strip() or "0")
+    except (OSError, ValueError):
+        max_part = 0
+    if max_part > 0:
+        log.debug("nbd has max_part=%d; using the FUSE export instead", max_part)
+    return max_part == 0
 
 
 def free_nbd_device() -> str:
@@ -143,10 +163,19 @@ def _server_pid(device: str) -> int | None:
 def disconnect(device: str) -> None:
     """Flush and disconnect `device`, and wait until its qemu-nbd server has ended."""
     pid = _server_pid(device)
-    _flush(device)
+    try:
+        _flush(device)
+        flush_error = None
+    except OSError as e:
+        flush_error = e  # still disconnect: a device left behind helps nobody
     run.run(["qemu-nbd", "--disconnect", device], timeout=60)
     if pid is not None:
         _wait_for_exit(pid, device)
+    if flush_error is not None:
+        raise CareenError(
+            f"could not flush {device} before disconnecting it: {flush_error.strerror}",
+            "writes to the image may be lost; check it before using it",
+        )
 
 
 def _flush(device: str) -> None:
@@ -154,8 +183,10 @@ def _flush(device: str) -> None:
     # page cache; a disconnect would drop them.
     try:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENXIO):  # no node, or never came up: nothing to flush
+            return
+        raise
     try:
         os.fsync(fd)
     finally:

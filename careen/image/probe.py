@@ -10,9 +10,11 @@ explicitly to qemu everywhere after; `blockdev_options()` builds those arguments
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,11 @@ PROBE_TIMEOUT = 120.0
 SINGLE_FILE_VMDK = frozenset({"monolithicSparse", "streamOptimized"})
 
 _LOCKED = ('Failed to get shared "write" lock', "Is another process using the image")
+# qemu marks each permission it holds on an image with an OFD lock on byte 100 + the
+# permission's bit (file-posix.c); bit 1 is "write". `qemu-img info` on a raw image does
+# not notice a writer, so that byte is asked about directly.
+_QEMU_WRITE_LOCK_BYTE = 101
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux
 
 FLATTEN_HINT = "or flatten it first: qemu-img convert -O qcow2 IMAGE FLAT.qcow2"
 
@@ -59,6 +66,31 @@ def _check_file(path: Path) -> None:
         raise _error(path, "is empty", "the download or copy may have failed; fetch it again")
 
 
+def _in_use_error(path: Path) -> CareenError:
+    return _error(
+        path,
+        "is in use by a running VM (qemu holds a lock on it)",
+        "stop the VM first, or work on a copy of the image",
+    )
+
+
+def _check_not_in_use(path: Path) -> None:
+    """Refuse an image that a qemu process has open for writing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # _check_file reported what matters
+    try:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _QEMU_WRITE_LOCK_BYTE, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
+    except OSError:
+        return  # no OFD locks on this filesystem: qemu cannot lock it either
+    finally:
+        os.close(fd)
+    if _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK:
+        raise _in_use_error(path)
+
+
 # --- qemu-img --------------------------------------------------------------------------
 
 
@@ -77,11 +109,7 @@ def _qemu_img(path: Path, argv: list[str]) -> tuple[int, str]:
     if proc.returncode < 0:
         raise _limit_error(path)
     if any(marker in proc.stderr for marker in _LOCKED):
-        raise _error(
-            path,
-            "is in use by a running VM (qemu holds a lock on it)",
-            "stop the VM first, or work on a copy of the image",
-        )
+        raise _in_use_error(path)
     if proc.returncode != 0 and not proc.stdout.strip():
         raise _unreadable_error(path, proc.stderr)
     return proc.returncode, proc.stdout
@@ -240,6 +268,7 @@ def probe_image(
     # Absolute, so that qemu never reads a "json:" or "proto:" prefix into the name.
     path = Path(os.path.abspath(path))
     _check_file(path)
+    _check_not_in_use(path)
     info = _info(path)
     fmt = _format(path, info)
     if expected_format is not None and fmt != expected_format:
