@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from careen import __version__, linux, recipe
+from careen import __version__, journal, linux, recipe, recover
 from careen.errors import CareenError, ExitCode, UsageError
 from careen.image.model import Disk, ImageFormat
 from careen.refit import RefitOptions, RefitResult, inspect_image, refit
@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=3600.0, help="seconds one command in the guest may run"
     )
     ref.add_argument("--format", choices=("text", "json"), default="text")
+    clean = sub.add_parser("cleanup", help="undo what killed or crashed runs left behind")
+    clean.add_argument("--dry-run", action="store_true", help="list what would be released")
+    clean.add_argument("--format", choices=("text", "json"), default="text")
     ops = ref.add_argument_group("operations (appended after the recipe's steps, in order)")
     for flag, (metavar, text) in _VALUED_OPS.items():
         ops.add_argument(
@@ -163,6 +166,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "cleanup":
+        return _cleanup(args)
+    with journal.run_journal():
+        return _dispatch_run(args)
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    report = recover.cleanup(dry_run=args.dry_run)
+    if args.format == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.actions:
+            print(line)
+        for run_id in report.live:
+            print(f"{run_id}: still running; left alone")
+        for line in report.failures:
+            print(f"failed: {line}", file=sys.stderr)
+        if not report.actions and not report.failures:
+            print("nothing to clean up")
+    if report.failures:
+        raise CareenError(
+            f"{len(report.failures)} resource(s) could not be released",
+            hint="see the lines above; fix the cause and run cleanup again",
+        )
+    return ExitCode.OK
+
+
+def _dispatch_run(args: argparse.Namespace) -> int:
     if args.verb == "inspect":
         disk = inspect_image(args.image.absolute(), workdir_parent=args.workdir)
         if args.format == "json":

@@ -69,7 +69,10 @@ def process_start_time(pid: int) -> int | None:
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses; fields follow the last ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None  # exited; only its exit status is left for its parent to collect
+    return int(fields[19])
 
 
 def new_run_id() -> str:

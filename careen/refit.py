@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from careen import journal
+from careen import journal, locks
 from careen.attach import export, host
 from careen.cleanup import Resources
 from careen.errors import CareenError
@@ -140,6 +140,7 @@ def refit(opts: RefitOptions) -> RefitResult:
     if opts.in_place:
         log.warning("--in-place: %s itself is changed; there is no undo", opts.source)
     with Resources() as outer:
+        outer.enter_context(locks.hold_for_refit(opts.source, opts.output))
         work = outer.enter_context(workdir(opts.workdir or _default_workdir(opts)))
         check_space(work, min(info.virtual_size // 4, 2 << 30), "the overlay")
         if opts.in_place:

@@ -99,45 +99,67 @@ def raw_view(image: Path, fmt: ImageFormat, workdir: Path, *, writable: bool) ->
     file_handle = journal.record("file", path=str(mountpoint), what="FUSE export mount point")
     mountpoint.touch()  # a FUSE export's mount point must be an existing regular file
     try:
-        with _export_daemon(image, fmt, mountpoint, writable):
+        with _export_daemon(image, fmt, mountpoint, writable) as view:
             journal.checkpoint("exported")
-            yield mountpoint
-        if _is_mounted(mountpoint):
-            raise CareenError(
-                f"the FUSE export at {mountpoint} is still mounted after its daemon ended"
-            )
+            yield view
     finally:
-        if not _is_mounted(mountpoint):
-            mountpoint.unlink(missing_ok=True)
-            file_handle.done()
+        mountpoint.unlink(missing_ok=True)
+        file_handle.done()
+
+
+def daemon_argv(image: Path, fmt: ImageFormat, mountpoint: Path, *, writable: bool) -> list[str]:
+    """qemu-storage-daemon in a mount namespace of its own.
+
+    Its FUSE mount must not live in the namespace that holds the guest's filesystems: if
+    careen is killed, the last process to leave that namespace unmounts them, and the
+    final sync goes through the loop devices to this very export. Were the daemon that
+    last process, it would wait on itself forever (seen: a D-state thread, every
+    `losetup` on the host hanging behind it). In a namespace of its own, its death
+    aborts the FUSE connection, and the guest's unmount fails fast instead.
+    """
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        *qsd_argv(image, fmt, mountpoint, writable=writable),
+    ]
 
 
 @contextmanager
 def _export_daemon(
     image: Path, fmt: ImageFormat, mountpoint: Path, writable: bool
-) -> Iterator[run.Daemon]:
-    argv = qsd_argv(image, fmt, mountpoint, writable=writable)
-    handle = journal.record("daemon", argv0=argv[0], mountpoint=str(mountpoint))
+) -> Iterator[Path]:
+    """Start the daemon and yield the export as seen from inside its namespace."""
+    argv = daemon_argv(image, fmt, mountpoint, writable=writable)
+    handle = journal.record("daemon", argv0="qemu-storage-daemon", mountpoint=str(mountpoint))
     with step(f"Exporting {image.name} as raw through qemu-storage-daemon"):
-        daemon = run.spawn(argv)
+        daemon = run.spawn(argv)  # unshare execs the daemon: same PID, same death signal
         handle.note(pid=daemon.pid, start_time=journal.process_start_time(daemon.pid))
+        view = Path(f"/proc/{daemon.pid}/root") / mountpoint.relative_to("/")
         try:
-            _wait_for_export(daemon, mountpoint)
+            _wait_for_export(daemon, view)
         except BaseException:
             daemon.stop()
             handle.done()
             raise
     try:
-        yield daemon
+        yield view
     finally:
         daemon.stop()
         handle.done()
 
 
-def _wait_for_export(daemon: run.Daemon, mountpoint: Path) -> None:
+def _wait_for_export(daemon: run.Daemon, view: Path) -> None:
     deadline = time.monotonic() + _EXPORT_TIMEOUT
-    while not _is_mounted(mountpoint):
+    while True:
         daemon.check_alive()
+        try:
+            if _is_mounted(view):
+                return
+        except FileNotFoundError:
+            pass  # the daemon has not entered its namespace yet
         if time.monotonic() > deadline:
             raise CareenError(
                 f"qemu-storage-daemon did not export the image within {_EXPORT_TIMEOUT:.0f} s",
