@@ -95,6 +95,11 @@ def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)), f"umount {target}")
 
 
+def syncfs(fd: int) -> None:
+    """Flush the filesystem holding `fd`; raises if any writeback to it failed."""
+    _check(_libc.syncfs(ctypes.c_int(fd)), "syncfs")
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 

@@ -11,6 +11,7 @@ to it. Every resource is released in reverse order on success, error or Ctrl-C.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
@@ -30,6 +31,8 @@ from careen.output import check_destination, check_space, write_image
 from careen.recipe import Op, Recipe
 
 log = logging.getLogger(__name__)
+
+_NEARLY_FULL = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -148,13 +151,30 @@ def refit(opts: RefitOptions) -> RefitResult:
         else:
             image = outer.enter_context(export.overlay(info, work / "overlay.qcow2"))
             fmt = ImageFormat.QCOW2
-        with attach(info, image, fmt, work, writable=True) as att:
-            result = _change_guest(opts, info, att)
-            with step("Trimming free space"):
-                att.tree.trim()
+        try:
+            with attach(info, image, fmt, work, writable=True) as att:
+                result = _change_guest(opts, info, att)
+                att.tree.sync()
+                with step("Trimming free space"):
+                    att.tree.trim()
+                att.tree.sync()
+        except (CareenError, OSError) as e:
+            _explain_full_disk(work, e)
+            raise
         if opts.output is not None and not opts.in_place:
             write_image(image, fmt, opts.output, opts.output_format, compress=opts.compress)
     return result
+
+
+def _explain_full_disk(work: Path, error: BaseException) -> None:
+    """Say so when a failure came from the work directory's disk filling up."""
+    free = shutil.disk_usage(work).free
+    if free < _NEARLY_FULL:
+        raise CareenError(
+            f"the disk holding the work directory {work.parent} filled up during the run "
+            f"({free >> 20} MiB left; the overlay holds every change): {error}",
+            hint="nothing was written; use --workdir on a disk with more free space",
+        ) from error
 
 
 def _default_workdir(opts: RefitOptions) -> Path:

@@ -103,7 +103,10 @@ def apply_step(ctx: Context, s: Step) -> None:
 def write_file(guest: Guest, path: str, data: bytes, mode: int | None) -> None:
     old = guest.lstat(path)
     if mode is None:
-        mode = (old.st_mode & 0o7777) if old is not None else 0o644
+        # Only a regular file's mode carries over: a symlink's own mode is 0777, and the
+        # new file replaces the link rather than writing through it.
+        regular = old is not None and stat.S_ISREG(old.st_mode)
+        mode = stat.S_IMODE(old.st_mode) if old is not None and regular else 0o644
     guest.write_bytes(path, data, mode)
 
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
+import stat
 from collections.abc import Sequence
 
 from careen.guest import osinfo
 from careen.guest.base import Guest, glob
+
+log = logging.getLogger(__name__)
+
+ARCHIVES = "/var/cache/apt/archives"
 
 # Keep the guest's changed configuration files; never stop to ask.
 _APT = [
@@ -42,8 +48,16 @@ class Apt:
         guest.run([*_APT, "remove", *packages])
 
     def clean(self, guest: Guest) -> list[str]:
-        guest.run(["apt-get", "clean"])
         removed = []
+        if _archives_linked(guest):
+            # `apt-get clean` unlinks every file in the archive directory, wherever a
+            # guest link sends it (`archives -> /etc` would empty the guest's /etc).
+            log.warning("the guest's %s is a symlink; removing only *.deb there "
+                        "instead of running apt-get clean", ARCHIVES)  # fmt: skip
+            for pattern in (f"{ARCHIVES}/*.deb", f"{ARCHIVES}/partial/*.deb"):
+                removed += [p for p in glob(guest, pattern) if guest.delete(p)]
+        else:
+            guest.run(["apt-get", "clean"])
         for path in glob(guest, "/var/lib/apt/lists/*"):
             if not path.endswith(("/lock", "/partial")) and guest.delete(path):
                 removed.append(path)
@@ -66,3 +80,11 @@ class Apt:
     def unhold(self, guest: Guest, held: Sequence[str]) -> None:
         if held:
             guest.run(["apt-mark", "unhold", *held])
+
+
+def _archives_linked(guest: Guest) -> bool:
+    for path in (ARCHIVES, f"{ARCHIVES}/partial"):
+        st = guest.lstat(path)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            return True
+    return False
