@@ -24,6 +24,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from careen import __version__, journal, linux, recipe, recover
+from careen.attach import host
 from careen.errors import CareenError, ExitCode, UsageError
 from careen.image.model import Disk, ImageFormat
 from careen.refit import RefitOptions, RefitResult, inspect_image, refit
@@ -168,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "cleanup":
         return _cleanup(args)
+    host.require_root(args.verb)  # before anything is written to the state directory
     with journal.run_journal():
         return _dispatch_run(args)
 
@@ -244,11 +246,12 @@ def _jsonable(obj: object) -> Any:
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def _print_disk(disk: Disk) -> None:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from careen.errors import CareenError
+
 log = logging.getLogger(__name__)
 
 _current: contextvars.ContextVar[Journal | None] = contextvars.ContextVar(
@@ -122,7 +124,13 @@ def run_journal(run_id: str | None = None, directory: Path | None = None) -> Ite
     for `careen cleanup`.
     """
     runs = (directory or state_dir()) / "runs"
-    runs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        runs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise CareenError(
+            f"cannot create careen's state directory {runs}: {e.strerror}",
+            hint="run as root, or point CAREEN_STATE_DIR at a writable directory",
+        ) from e
     rid = run_id or new_run_id()
     path = runs / f"{rid}.journal"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)

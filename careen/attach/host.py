@@ -320,6 +320,12 @@ def find_root(raw: Path, disk: Disk, probe_dir: Path) -> Root:
         raise CareenError(
             "no mountable Linux root found: " + "; ".join(refusals), hint="use --backend appliance"
         )
+    encrypted = [fs.source for fs in disk.filesystems if fs.type == "crypto_LUKS"]
+    if encrypted:
+        raise CareenError(
+            f"{disk.image.path} holds LUKS-encrypted volumes ({', '.join(encrypted)})",
+            hint="careen does not refit encrypted images; refit the image before encryption",
+        )
     kinds = ", ".join(sorted({fs.type for fs in disk.filesystems})) or "none"
     raise CareenError(
         f"no Linux root filesystem found in {disk.image.path} (filesystems: {kinds})",

@@ -108,10 +108,20 @@ def build_lvm_disk(path: Path) -> Iterator[LvmDisk]:
         for name, size, extra in plan:
             lvm(devs, "lvcreate", "-q", "-an", "-Zn", "-L", size, "-n", name, "careentest", *extra)
         lvm(devs, "lvextend", "-q", "-L", "8M", "careentest/two", devs[0])
-        pvs = json.loads(lvm(devs, "pvs", "--reportformat", "json", "--units", "b",
-                             "--nosuffix", "-o", "pv_name,pe_start"))  # fmt: skip
-        lvs = json.loads(lvm(devs, "lvs", "--reportformat", "json", "-o",
-                             "lv_name,seg_pe_ranges"))  # fmt: skip
+        pvs = json.loads(
+            lvm(
+                devs,
+                "pvs",
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "pv_name,pe_start",
+            )
+        )
+        lvs = json.loads(lvm(devs, "lvs", "--reportformat", "json", "-o", "lv_name,seg_pe_ranges"))
     pe_start = {loops[r["pv_name"]]: int(r["pe_start"]) for r in pvs["report"][0]["pv"]}
     ranges: dict[str, list[tuple[str, int, int]]] = {}
     for row in lvs["report"][0]["lv"]:

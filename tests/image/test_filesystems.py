@@ -37,8 +37,21 @@ def raw_info(path: Path) -> ImageInfo:
 
 def ext4_at(disk: Path, region: Region, uuid: str, label: str) -> None:
     size_k = f"{region.size // 1024}k"
-    sh("mke2fs", "-q", "-F", "-t", "ext4", "-U", uuid, "-L", label,
-       "-E", f"offset={region.offset}", disk, size_k)  # fmt: skip
+    sh(
+        "mke2fs",
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-U",
+        uuid,
+        "-L",
+        label,
+        "-E",
+        f"offset={region.offset}",
+        disk,
+        size_k,
+    )
 
 
 def xfs_image(path: Path) -> Path:

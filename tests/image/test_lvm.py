@@ -155,15 +155,19 @@ def group(*segments: Segment) -> tuple[VolumeGroup, LogicalVolume]:
 @pytest.mark.parametrize(
     ("segments", "layout"),
     [
-        ((Segment(0, 2, "striped", (Stripe("pv0", 0),)), Segment(2, 2, "striped",
-          (Stripe("pv0", 5),))), "multi-segment(striped,striped)"),
-        ((Segment(0, 4, "striped", (Stripe("pv0", 0), Stripe("pv1", 0)), 65536),),
-         "striped(2)"),
+        (
+            (
+                Segment(0, 2, "striped", (Stripe("pv0", 0),)),
+                Segment(2, 2, "striped", (Stripe("pv0", 5),)),
+            ),
+            "multi-segment(striped,striped)",
+        ),
+        ((Segment(0, 4, "striped", (Stripe("pv0", 0), Stripe("pv1", 0)), 65536),), "striped(2)"),
         ((Segment(0, 4, "thin"),), "thin"),
         ((Segment(0, 4, "raid1"),), "raid1"),
         ((Segment(0, 4, "mirror"),), "mirror"),
     ],
-)  # fmt: skip
+)
 def test_lv_region_refuses_non_linear(segments: tuple[Segment, ...], layout: str) -> None:
     vg, lv = group(*segments)
     with pytest.raises(CareenError) as caught:

@@ -128,9 +128,18 @@ def create_luks(image: Path) -> None:
     # qemu-img's PBKDF timing sometimes fails with "Unable to get accurate CPU usage"
     # on a busy or virtual host; a retry is enough.
     argv = [
-        "qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s0,data=pw",
-        "-o", "key-secret=s0,iter-time=100", str(image), SIZE,
-    ]  # fmt: skip
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "luks",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-o",
+        "key-secret=s0,iter-time=100",
+        str(image),
+        SIZE,
+    ]
     for _ in range(5):
         if run(argv, check=False).returncode == 0:
             return
@@ -240,12 +249,16 @@ def test_image_in_use_by_a_running_vm(tmp_path: Path) -> None:
     daemon = spawn(
         [
             "qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=f,filename={image}",
-            "--blockdev", "driver=qcow2,node-name=q,file=f",
-            "--nbd-server", f"addr.type=unix,addr.path={socket}",
-            "--export", "type=nbd,id=e,node-name=q,writable=on",
+            "--blockdev",
+            f"driver=file,node-name=f,filename={image}",
+            "--blockdev",
+            "driver=qcow2,node-name=q,file=f",
+            "--nbd-server",
+            f"addr.type=unix,addr.path={socket}",
+            "--export",
+            "type=nbd,id=e,node-name=q,writable=on",
         ]
-    )  # fmt: skip
+    )
     try:
         wait_for(socket, daemon)
         error = refusal(image)
@@ -264,9 +277,14 @@ def test_blockdev_options_plain_qcow2() -> None:
     file_node = {"driver": "file", "node-name": "disk-file", "filename": "/i/disk.qcow2"}
     assert nodes == [
         {**file_node, "read-only": True},
-        {"driver": "qcow2", "node-name": "disk", "file": "disk-file", "read-only": True,
-         "backing": None},
-    ]  # fmt: skip
+        {
+            "driver": "qcow2",
+            "node-name": "disk",
+            "file": "disk-file",
+            "read-only": True,
+            "backing": None,
+        },
+    ]
     assert blockdev_args(nodes)[1].startswith('{"driver":"file"')
 
 
@@ -282,11 +300,14 @@ def read_export(tmp_path: Path, nodes: list[dict[str, object]], node: str) -> by
     socket = tmp_path / "nbd.sock"
     daemon = spawn(
         [
-            "qemu-storage-daemon", *blockdev_args(nodes),
-            "--nbd-server", f"addr.type=unix,addr.path={socket}",
-            "--export", f"type=nbd,id=e,node-name={node}",
+            "qemu-storage-daemon",
+            *blockdev_args(nodes),
+            "--nbd-server",
+            f"addr.type=unix,addr.path={socket}",
+            "--export",
+            f"type=nbd,id=e,node-name={node}",
         ]
-    )  # fmt: skip
+    )
     out = tmp_path / "out.raw"
     try:
         wait_for(socket, daemon)

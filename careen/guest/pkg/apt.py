@@ -52,8 +52,11 @@ class Apt:
         if _archives_linked(guest):
             # `apt-get clean` unlinks every file in the archive directory, wherever a
             # guest link sends it (`archives -> /etc` would empty the guest's /etc).
-            log.warning("the guest's %s is a symlink; removing only *.deb there "
-                        "instead of running apt-get clean", ARCHIVES)  # fmt: skip
+            log.warning(
+                "the guest's %s is a symlink; removing only *.deb there "
+                "instead of running apt-get clean",
+                ARCHIVES,
+            )
             for pattern in (f"{ARCHIVES}/*.deb", f"{ARCHIVES}/partial/*.deb"):
                 removed += [p for p in glob(guest, pattern) if guest.delete(p)]
         else:
