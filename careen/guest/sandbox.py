@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from careen import linux, run
+from careen.errors import CareenError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _PROFILE_WRAPPER = '[ -r /etc/profile ] && . /etc/profile >/dev/null 2>&1; exec "$@"'
 
 _NOSUID_NODEV = linux.MS_NOSUID | linux.MS_NODEV
+_PREPARE_FAILED = 125
+_PREPARE_PREFIX = "careen: cannot prepare the guest root: "
 _DEV_NODES = {
     "null": (1, 3),
     "zero": (1, 5),
@@ -114,6 +117,13 @@ def run_in_root(
             log.debug("  %s", run.redact(line, secrets))
         return done
     except run.CommandError as e:
+        if e.returncode == _PREPARE_FAILED and _PREPARE_PREFIX in e.stderr:
+            reason = e.stderr.strip().splitlines()[-1].removeprefix(_PREPARE_PREFIX)
+            raise CareenError(
+                f"cannot run {argv[0]} in the guest: {reason}",
+                hint="the guest's /proc, /dev, /run and /sys must be real directories; "
+                "this image is damaged or hostile",
+            ) from e
         # Report the guest command, not the sandbox's plumbing around it.
         if e.returncode is None:
             e.hint = f"it ran longer than {timeout:.0f} s and was stopped; raise the timeout"
@@ -204,8 +214,8 @@ def main() -> int:
     try:
         root_fd = _prepare(spec["root"], spec["hostname"])
     except (SandboxError, OSError) as e:
-        print(f"careen: cannot prepare the guest root: {e}", file=sys.stderr)
-        return 125
+        print(f"{_PREPARE_PREFIX}{e}", file=sys.stderr)
+        return _PREPARE_FAILED
     os.chroot(linux.fd_path(root_fd))
     os.chdir("/")
     return _exec_as_init(list(spec["argv"]), dict(spec["env"]))

@@ -270,3 +270,36 @@ def test_fifo_os_release(tmp_path: Path) -> None:
         assert "os-release" in o.error, o.error
     else:
         assert o.result["os"]["distro"] == "unknown"
+
+
+# ---- API directories that are links, and an fstab naming devices that do not exist ----
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("api_dir", ["/proc", "/dev"])
+def test_api_directory_link(tmp_path: Path, api_dir: str) -> None:
+    image = _bare_variant(tmp_path, lambda r: put_symlink(r, api_dir, "/etc"))
+    o = refit_hostile(tmp_path, image, STANDARD)
+    # Nothing may be mounted over the guest's /etc (or anywhere the link leads): careen
+    # refuses to run the guest's programs at all.
+    assert o.result is None, "a guest command ran with a linked API directory"
+    assert f"guest's {api_dir} is not a directory" in o.error, o.error
+
+
+@pytest.mark.timeout(180)
+def test_fstab_naming_missing_devices(tmp_path: Path) -> None:
+    image = _bare_variant(tmp_path, lambda r: None)
+    fstab = tmp_path / "fstab"
+    fstab.write_text(
+        "LABEL=root / ext4 errors=remount-ro 0 1\n"
+        "UUID=00000000-dead-beef-0000-000000000000 /boot ext4 defaults 0 2\n"
+        "/dev/sdz9 /srv xfs defaults 0 0\n"
+    )
+    debugfs(image, "rm /etc/fstab", write=True)
+    debugfs(image, f"write {fstab} /etc/fstab", write=True)
+    o = refit_hostile(tmp_path, image, STANDARD)
+    _assert_refitted(o)
+    assert o.result is not None
+    notes = " ".join(o.result["notes"])
+    assert "/boot" in notes and "/srv" in notes and "not on this disk" in notes
+    assert [m["guest"] for m in o.result["mounts"]] == ["/"]
