@@ -567,6 +567,7 @@ def _no_loops_on(image: Path, timeout: float = 5.0) -> bool:
 
 
 @pytest.mark.root
+@pytest.mark.real_commands
 def test_dm_reads_what_lvm_placed(dm_disk: LvmDisk) -> None:
     vg = _volume_group(dm_disk)
     rng = random.Random(7)
@@ -590,6 +591,7 @@ def test_dm_reads_what_lvm_placed(dm_disk: LvmDisk) -> None:
 
 @pytest.mark.root
 @pytest.mark.parametrize("name", ["root", "str"])
+@pytest.mark.real_commands
 def test_dm_mounts_linear_and_striped(dm_disk: LvmDisk, tmp_path: Path, name: str) -> None:
     vg = _volume_group(dm_disk)
     lv = _lv(vg, name)
@@ -639,6 +641,7 @@ def _as_raw(image: Path, out: Path) -> bytes:
 
 
 @pytest.mark.root
+@pytest.mark.real_commands
 def test_nbd_reads_what_qemu_img_converts(qcow2: Path, tmp_path: Path) -> None:
     with nbd.nbd_view(qcow2, ImageFormat.QCOW2, writable=False) as device:
         got = device.read_bytes()
@@ -649,6 +652,7 @@ def test_nbd_reads_what_qemu_img_converts(qcow2: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.root
+@pytest.mark.real_commands
 def test_nbd_writes_reach_the_image(qcow2: Path, tmp_path: Path) -> None:
     data = random.Random(13).randbytes(64 * 1024)
     with nbd.nbd_view(qcow2, ImageFormat.QCOW2, writable=True) as device:
