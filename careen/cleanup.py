@@ -2,7 +2,8 @@
 
 `Resources` is an ExitStack whose callbacks never raise through each other: a release
 that fails is logged at once and collected, the remaining releases still run, and the
-error that started the unwinding (if any) is the one that propagates. When the body
+error that started the unwinding (if any) is the one that propagates. Each release runs
+inside `critical()`, so Ctrl-C cannot cut one in half. When the body
 succeeded but a release failed, a `CareenError` lists what is left behind.
 """
 
@@ -14,6 +15,7 @@ from contextlib import ExitStack
 from types import TracebackType
 
 from careen.errors import CareenError
+from careen.interrupts import critical
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,14 @@ class Resources(ExitStack):
         """Register `fn` to release `what` when the stack unwinds."""
 
         def guarded() -> None:
-            try:
-                fn()
-            except BaseException as e:
-                log.error("could not release %s: %s", what, e)
-                self.failures.append(f"{what}: {e}")
+            # A signal during a release is held back until it is done; it then unwinds
+            # the rest of the stack like any other interruption.
+            with critical():
+                try:
+                    fn()
+                except Exception as e:
+                    log.error("could not release %s: %s", what, e)
+                    self.failures.append(f"{what}: {e}")
 
         self.callback(guarded)
 

@@ -33,12 +33,23 @@ def check_destination(dest: Path, source: Path, *, force: bool) -> None:
         )
     if dest.is_dir():
         raise UsageError(f"the output {dest} is a directory", hint="name a file")
+    if dest.exists() and not dest.is_file():
+        # --force must never turn /dev/null or a FIFO into an image file.
+        raise UsageError(
+            f"the output {dest} exists and is not a regular file",
+            hint="name a new file, or an existing image file with --force",
+        )
     if dest.exists() and not force:
         raise UsageError(f"the output {dest} already exists", hint="remove it or add --force")
     if not dest.parent.is_dir():
-        raise UsageError(f"the output's directory {dest.parent} does not exist")
+        raise UsageError(
+            f"the output's directory {dest.parent} does not exist",
+            hint="create it first, or name another output",
+        )
     if not os.access(dest.parent, os.W_OK):
-        raise UsageError(f"cannot write to {dest.parent}")
+        raise UsageError(
+            f"cannot write to {dest.parent}", hint="name an output in a directory you can write to"
+        )
 
 
 def measure(image: Path, fmt: ImageFormat, out_fmt: ImageFormat) -> int:

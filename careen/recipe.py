@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, is_dataclass
 from enum import StrEnum
 from importlib import resources
@@ -143,7 +144,9 @@ def load(ref: str) -> Recipe:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read recipe {path}: {e}") from e
+        raise UsageError(
+            f"cannot read recipe {path}: {e}", hint="a recipe is a UTF-8 YAML file"
+        ) from e
     return parse(text, origin=str(path), base=path.parent)
 
 
@@ -151,7 +154,13 @@ def parse(text: str, *, origin: str = "recipe", base: Path | None = None) -> Rec
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        raise UsageError(f"{origin}: not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(
+            f"{origin}{line}: not valid YAML: {problem}",
+            hint="check the indentation and quoting on that line",
+        ) from e
     if root is None:
         raise UsageError(f"{origin}: the recipe is empty", "give it a `steps:` list")
     top = _mapping(root, _Where(origin, root))
@@ -201,8 +210,11 @@ def _packages(node: yaml.Node, where: _Where, op: Op) -> tuple[str, ...]:
         return ()
     items = node.value if isinstance(node, yaml.SequenceNode) else [node]
     names = tuple(_string(n, where, f"{op}: package name") for n in items)
-    if not names or any(not n or n.startswith("-") or " " in n for n in names):
-        raise where.fail(f"{op}: give package names (a list), not options or empty names")
+    if not names:
+        raise where.fail(f"{op}: give package names (a list)")
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_:~*=@/-]*", name):
+            raise where.fail(f"{op}: {name!r} is not a package name")
     return names
 
 
@@ -290,10 +302,40 @@ def _parse_write(op: Op, node: yaml.Node, where: _Where, base: Path) -> Step:
     return Step(op, path=path, content=content, mode=_mode(f.get("mode"), where))
 
 
+# Deleting one of these would leave no system to boot; no recipe means that.
+PROTECTED = frozenset(
+    [
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/opt",
+        "/proc",
+        "/root",
+        "/run",
+        "/sbin",
+        "/srv",
+        "/sys",
+        "/tmp",
+        "/usr",
+        "/var",
+    ]
+)
+
+
 def _parse_delete(op: Op, node: yaml.Node, where: _Where, base: Path) -> Step:
     path = _guest_path(_string(node, where, "delete: path"), where, "delete: path")
     if path.rstrip("/") == "":
         raise where.fail("delete: refusing to delete the guest's root")
+    if path.endswith("/"):
+        raise where.fail(f"delete: give {path!r} without the trailing slash")
+    parent, _, name = path.rpartition("/")
+    if path in PROTECTED or (parent == "" and any(c in name for c in "*?[")):
+        raise where.fail(f"delete: refusing to delete {path!r}, a top-level system directory")
     return Step(op, path=path)
 
 

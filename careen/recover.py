@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from careen import journal, linux, locks, run
+from careen.errors import CareenError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,14 @@ def _describe(entry: dict[str, Any]) -> str:
 def cleanup(*, dry_run: bool = False, state: Path | None = None) -> Report:
     report = Report()
     runs = (state or journal.state_dir()) / "runs"
-    for path in sorted(runs.glob("*.journal")) if runs.is_dir() else []:
+    try:
+        journals = sorted(runs.glob("*.journal")) if runs.is_dir() else []
+    except OSError as e:
+        raise CareenError(
+            f"cannot read careen's state directory {runs}: {e.strerror}",
+            hint="run cleanup as the user who ran careen (root for the host backend)",
+        ) from e
+    for path in journals:
         if _is_live(path):
             report.live.append(path.stem)
             continue

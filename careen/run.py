@@ -185,6 +185,9 @@ def spawn(
             stderr=subprocess.PIPE,
             env=dict(env) if env is not None else None,
             preexec_fn=_preexec(None, die_with_parent=True),
+            # Out of the terminal's process group: Ctrl-C is careen's to handle, and
+            # careen still needs its daemons while it unwinds.
+            start_new_session=True,
         )
     except FileNotFoundError as e:
         raise CommandError(

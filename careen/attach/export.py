@@ -22,6 +22,7 @@ from careen import journal, run
 from careen.attach import nbd
 from careen.errors import CareenError
 from careen.image.model import ImageFormat, ImageInfo
+from careen.interrupts import critical
 from careen.log import step
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,9 @@ def _export_daemon(
     argv = daemon_argv(image, fmt, mountpoint, writable=writable)
     handle = journal.record("daemon", argv0="qemu-storage-daemon", mountpoint=str(mountpoint))
     with step(f"Exporting {image.name} as raw through qemu-storage-daemon"):
-        daemon = run.spawn(argv)  # unshare execs the daemon: same PID, same death signal
-        handle.note(pid=daemon.pid, start_time=journal.process_start_time(daemon.pid))
+        with critical():  # journaled before Ctrl-C can strike
+            daemon = run.spawn(argv)  # unshare execs the daemon: same PID, same death signal
+            handle.note(pid=daemon.pid, start_time=journal.process_start_time(daemon.pid))
         view = Path(f"/proc/{daemon.pid}/root") / mountpoint.relative_to("/")
         try:
             _wait_for_export(daemon, view)

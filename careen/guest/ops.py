@@ -6,6 +6,7 @@ import logging
 import re
 import secrets
 import stat
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,7 +65,15 @@ class Context:
 def apply_steps(ctx: Context, steps: Sequence[Step]) -> None:
     for number, s in enumerate(steps, 1):
         with step(f"Step {number}/{len(steps)}: {s.describe()}"):
-            apply_step(ctx, s)
+            try:
+                apply_step(ctx, s)
+            except OSError as e:
+                where = f": {e.filename}" if e.filename else ""
+                raise CareenError(
+                    f"step {number} ({s.describe()}) failed: {e.strerror or e}{where}",
+                    hint="paths are the guest's; check that the directory exists in the "
+                    "guest and that the path is not a directory",
+                ) from e
 
 
 def apply_step(ctx: Context, s: Step) -> None:
@@ -79,10 +88,10 @@ def apply_step(ctx: Context, s: Step) -> None:
         case Op.REMOVE:
             ctx.packages.remove(g, s.packages)
         case Op.RUN:
-            g.run(["/bin/sh", "-c", s.command], timeout=ctx.timeout)
+            _show(g.run(["/bin/sh", "-c", s.command], timeout=ctx.timeout))
         case Op.SCRIPT:
             assert s.source is not None
-            run_script(g, s.source.read_bytes(), ctx.timeout)
+            _show(run_script(g, s.source.read_bytes(), ctx.timeout))
         case Op.UPLOAD:
             assert s.source is not None
             write_file(g, s.path, s.source.read_bytes(), s.mode)
@@ -116,11 +125,19 @@ def delete_paths(guest: Guest, pattern: str) -> list[str]:
     return removed
 
 
-def run_script(guest: Guest, script: bytes, timeout: float | None) -> None:
+def _show(done: subprocess.CompletedProcess[str]) -> None:
+    """The user's own command: its output is what they asked to see."""
+    for line in (done.stdout + done.stderr).splitlines():
+        log.info("  %s", line)
+
+
+def run_script(
+    guest: Guest, script: bytes, timeout: float | None
+) -> subprocess.CompletedProcess[str]:
     path = f"/tmp/careen-script-{secrets.token_hex(6)}"
     guest.write_bytes(path, script, 0o700)
     try:
-        guest.run([path], timeout=timeout)
+        return guest.run([path], timeout=timeout)
     finally:
         guest.delete(path)
 

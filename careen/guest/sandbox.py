@@ -39,6 +39,7 @@ _PROFILE_WRAPPER = '[ -r /etc/profile ] && . /etc/profile >/dev/null 2>&1; exec 
 
 _NOSUID_NODEV = linux.MS_NOSUID | linux.MS_NODEV
 _PREPARE_FAILED = 125
+_SHOWN_LINES = 20
 _PREPARE_PREFIX = "careen: cannot prepare the guest root: "
 _DEV_NODES = {
     "null": (1, 3),
@@ -104,7 +105,7 @@ def run_in_root(
     secrets: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run `argv` inside the guest mounted at `root` and wait for it."""
-    hint = "the command ran inside the guest; its output above says why it failed"
+    hint = "the command ran inside the guest; the end of its output is shown above"
     try:
         done = run.run(
             sandbox_argv(root, argv, hostname=hostname, env=env),
@@ -124,7 +125,11 @@ def run_in_root(
                 hint="the guest's /proc, /dev, /run and /sys must be real directories; "
                 "this image is damaged or hostile",
             ) from e
-        # Report the guest command, not the sandbox's plumbing around it.
+        # What the command said is the explanation: show its last lines, then report
+        # the guest command, not the sandbox's plumbing around it.
+        lines = (e.stdout + e.stderr).strip().splitlines()
+        for line in lines[-_SHOWN_LINES:]:
+            log.error("  %s", run.redact(line, secrets))
         if e.returncode is None:
             e.hint = f"it ran longer than {timeout:.0f} s and was stopped; raise the timeout"
         raise run.CommandError(

@@ -209,6 +209,13 @@ def _check_backing(path: Path, info: dict[str, Any], backing_file: Path | None) 
         if backing_file is not None:
             raise _error(path, "has no backing file, yet --backing-file was given")
         return
+    if backing_file is not None and not backing_file.exists():
+        raise _error(
+            path,
+            f"names a backing file ({reported}), and the --backing-file given "
+            f"({backing_file}) does not exist",
+            f"name the existing backing file {FLATTEN_HINT}",
+        )
     if not _same_file(backing_file, str(reported), path.parent):
         raise _error(
             path,
