@@ -24,10 +24,18 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from careen import __version__, journal, linux, recipe, recover
+from careen.accel import Accel
 from careen.attach import host
 from careen.errors import CareenError, ExitCode, UsageError
 from careen.image.model import Disk, ImageFormat
-from careen.refit import RefitOptions, RefitResult, inspect_image, refit
+from careen.refit import (
+    ApplianceOptions,
+    Backend,
+    RefitOptions,
+    RefitResult,
+    inspect_image,
+    refit,
+)
 
 log = logging.getLogger("careen")
 _LIST_LIMIT = 40
@@ -98,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("image", type=Path)
     ins.add_argument("--format", choices=("table", "json"), default="table")
     ins.add_argument("--workdir", type=Path, help="where temporary files go")
+    _add_backend_options(ins)
 
     ref = sub.add_parser("refit", help="refit an image into a new one")
     ref.add_argument("image", type=Path)
@@ -116,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=3600.0, help="seconds one command in the guest may run"
     )
     ref.add_argument("--format", choices=("text", "json"), default="text")
+    _add_backend_options(ref)
     clean = sub.add_parser("cleanup", help="undo what killed or crashed runs left behind")
     clean.add_argument("--dry-run", action="store_true", help="list what would be released")
     clean.add_argument("--format", choices=("text", "json"), default="text")
@@ -127,6 +137,32 @@ def _parser() -> argparse.ArgumentParser:
     for flag, (op, text) in _FLAG_OPS.items():
         ops.add_argument(flag, action=_OpAction, const=op, nargs=0, help=text, dest="ops")
     return p
+
+
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=[b.value for b in Backend],
+        default=Backend.AUTO.value,
+        help="who mounts the guest: the host kernel (needs root), libguestfs's appliance, "
+        "or auto (the host when it can, and says why)",
+    )
+    p.add_argument(
+        "--accel",
+        choices=[a.value for a in Accel],
+        default=Accel.AUTO.value,
+        help="the appliance's CPU acceleration (auto tests KVM once per boot)",
+    )
+    p.add_argument("--smp", type=int, help="the appliance's virtual CPUs")
+    p.add_argument("--memsize", type=int, metavar="MiB", help="the appliance's memory")
+
+
+def _appliance_options(args: argparse.Namespace) -> ApplianceOptions:
+    for name in ("smp", "memsize"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be a positive number")
+    return ApplianceOptions(Accel(args.accel), args.smp, args.memsize)
 
 
 def _setup_logging(debug: bool, quiet: bool) -> None:
@@ -169,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "cleanup":
         return _cleanup(args)
-    host.require_root(args.verb)  # before anything is written to the state directory
+    if Backend(args.backend) is Backend.HOST:
+        host.require_root(args.verb)  # before anything is written to the state directory
     with journal.run_journal():
         return _dispatch_run(args)
 
@@ -197,7 +234,12 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 def _dispatch_run(args: argparse.Namespace) -> int:
     if args.verb == "inspect":
-        disk = inspect_image(args.image.absolute(), workdir_parent=args.workdir)
+        disk = inspect_image(
+            args.image.absolute(),
+            workdir_parent=args.workdir,
+            backend=Backend(args.backend),
+            options=_appliance_options(args),
+        )
         if args.format == "json":
             print(json.dumps(_jsonable(disk), indent=2))
         else:
@@ -228,6 +270,8 @@ def _refit_options(args: argparse.Namespace) -> RefitOptions:
         backing_file=args.backing_file,
         data_file=args.data_file,
         command_timeout=args.timeout,
+        backend=Backend(args.backend),
+        appliance=_appliance_options(args),
     )
 
 

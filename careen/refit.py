@@ -1,8 +1,14 @@
 """The main pipelines: inspect an image, and refit it into a new one.
 
-    probe_image -> overlay -> raw_view -> scan_disk -> find_root -> mount_tree
+    probe_image -> choose backend -> overlay -> attach (host: raw_view -> scan_disk
+      -> find_root -> mount_tree; appliance: launch -> inspect -> mount)
       -> detect OS -> snapshot -> apply recipe -> snapshot -> trim -> unmount
       -> write_image (measured, temporary name, synced, renamed)
+
+Both backends yield an `Attached`: a `Guest` plus what was mounted, so the recipe runs
+the same way on either. `--backend auto` takes the host backend when it can do the job
+(root, and every Linux filesystem reachable without device-mapper where the host has
+none) and the appliance otherwise, and logs why.
 
 The source is opened read-only under a copy-on-write overlay; only `in_place` writes
 to it. Every resource is released in reverse order on success, error or Ctrl-C.
@@ -11,19 +17,22 @@ to it. Every resource is released in reverse order on success, error or Ctrl-C.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 
 from careen import journal, locks
-from careen.attach import export, host
+from careen.accel import Accel, resolve
+from careen.attach import appliance, export, host
 from careen.cleanup import Resources
 from careen.errors import CareenError
 from careen.guest import changes, ops, osinfo, pkg, session
-from careen.guest.base import RootGuest, read_text
+from careen.guest.base import Guest, RootGuest, read_text
 from careen.image import filesystems, probe
 from careen.image.model import Disk, ImageFormat, ImageInfo, OSInfo
 from careen.log import step
@@ -33,6 +42,19 @@ from careen.recipe import Op, Recipe
 log = logging.getLogger(__name__)
 
 _NEARLY_FULL = 32 << 20
+
+
+class Backend(StrEnum):
+    AUTO = "auto"
+    HOST = "host"
+    APPLIANCE = "appliance"
+
+
+@dataclass(frozen=True)
+class ApplianceOptions:
+    accel: Accel = Accel.AUTO
+    smp: int | None = None
+    memsize: int | None = None  # MiB
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,8 @@ class RefitOptions:
     backing_file: Path | None = None
     data_file: Path | None = None
     command_timeout: float | None = 3600.0
+    backend: Backend = Backend.AUTO
+    appliance: ApplianceOptions = field(default_factory=ApplianceOptions)
 
 
 @dataclass
@@ -78,9 +102,95 @@ def workdir(parent: Path | None) -> Iterator[Path]:
 
 @dataclass
 class Attached:
+    """A mounted guest, from either backend."""
+
     disk: Disk
-    tree: host.GuestTree
-    guest: RootGuest
+    guest: Guest
+    mounts: list[dict[str, str]]  # guest path, source, type
+    notes: list[str]
+    esp_unmounted: bool
+    sync: Callable[[], None]
+    trim: Callable[[], None]
+    resolver: bytes | None = None  # for the run; None means the host's
+
+
+def choose_backend(
+    requested: Backend, *, is_root: bool, host_refusal: Callable[[], str | None]
+) -> tuple[Backend, str]:
+    """The backend to use and why; `host_refusal` says what the host could not mount."""
+    if requested is not Backend.AUTO:
+        return requested, "asked for"
+    if not is_root:
+        return Backend.APPLIANCE, "not running as root, which the host backend needs"
+    refusal = host_refusal()
+    if refusal:
+        return Backend.APPLIANCE, f"the host cannot mount this image: {refusal}"
+    return Backend.HOST, "running as root, and the host can mount every filesystem"
+
+
+def host_refusal(info: ImageInfo, parent: Path | None) -> str | None:
+    """Why the host backend could not mount the image's Linux filesystems, if it could not."""
+    with Resources() as res:
+        work = res.enter_context(workdir(parent))
+        raw = res.enter_context(export.raw_view(info.path, info.format, work, writable=False))
+        with step("Checking what the host can mount"):
+            table, vgs, fss = filesystems.scan_disk(raw, info)
+        disk = Disk(info, table, vgs, fss)
+        refusals = []
+        for fs in fss:
+            if fs.type not in host.LINUX_FILESYSTEMS:
+                continue
+            try:
+                host.check_reachable(disk, fs)
+            except CareenError as e:
+                refusals.append(e.message)
+    return "; ".join(refusals) or None
+
+
+def select_backend(requested: Backend, info: ImageInfo, what: str, parent: Path | None) -> Backend:
+    backend, why = choose_backend(
+        requested, is_root=os.geteuid() == 0, host_refusal=lambda: host_refusal(info, parent)
+    )
+    log.info("Backend: %s (%s)", backend, why)
+    if backend is Backend.HOST:
+        host.require_root(what)
+    return backend
+
+
+@contextmanager
+def attach_guest(
+    backend: Backend,
+    info: ImageInfo,
+    image: Path,
+    fmt: ImageFormat,
+    work: Path,
+    *,
+    writable: bool,
+    options: ApplianceOptions,
+    network: bool = False,
+) -> Iterator[Attached]:
+    if backend is Backend.HOST:
+        with attach(info, image, fmt, work, writable=writable) as att:
+            yield att
+        return
+    with appliance.attach(
+        info,
+        image,
+        fmt,
+        writable=writable,
+        network=network,
+        accelerator=resolve(options.accel),
+        smp=options.smp,
+        memsize=options.memsize,
+    ) as app:
+        journal.checkpoint("mounted")
+        facts = osinfo.detect(app.guest, appliance.read_fstab(app.guest))
+        disk = replace(app.disk, os=facts, notes=tuple(app.notes))
+        mounts = [{"guest": m.guest_path, "source": m.source, "type": m.type} for m in app.mounts]
+        resolver = app.resolver if network else None
+        yield Attached(
+            disk, app.guest, mounts, app.notes, app.esp_unmounted, app.sync, app.trim, resolver
+        )
 
 
 @contextmanager
@@ -100,7 +210,10 @@ def attach(
         res.callback(guest.close)
         facts = osinfo.detect(guest, tree.fstab)
         disk = Disk(info, table, vgs, fss, root_fs.fs, facts, tuple(tree.notes))
-        yield Attached(disk, tree, guest)
+        mounts = [
+            {"guest": m.guest_path, "source": m.fs.source, "type": m.fs.type} for m in tree.mounts
+        ]
+        yield Attached(disk, guest, mounts, tree.notes, tree.esp_unmounted, tree.sync, tree.trim)
 
 
 def _hostname(root: Path) -> str:
@@ -114,14 +227,30 @@ def _hostname(root: Path) -> str:
     return name if name and len(name) < 64 and name.isprintable() else "localhost"
 
 
-def inspect_image(source: Path, *, workdir_parent: Path | None = None) -> Disk:
+def inspect_image(
+    source: Path,
+    *,
+    workdir_parent: Path | None = None,
+    backend: Backend = Backend.AUTO,
+    options: ApplianceOptions | None = None,
+) -> Disk:
     """Everything careen can tell about an image, without changing it."""
     info = probe.probe_image(source)
-    host.require_root("inspect")
+    backend = select_backend(backend, info, "inspect", workdir_parent)
     with Resources() as res:
         work = res.enter_context(workdir(workdir_parent))
         ovl = res.enter_context(export.overlay(info, work / "overlay.qcow2"))
-        att = res.enter_context(attach(info, ovl, ImageFormat.QCOW2, work, writable=False))
+        att = res.enter_context(
+            attach_guest(
+                backend,
+                info,
+                ovl,
+                ImageFormat.QCOW2,
+                work,
+                writable=False,
+                options=options or ApplianceOptions(),
+            )
+        )
         disk = att.disk
     return disk
 
@@ -139,7 +268,7 @@ def refit(opts: RefitOptions) -> RefitResult:
     info = probe.probe_image(opts.source, backing_file=opts.backing_file, data_file=opts.data_file)
     if opts.output is not None:
         check_destination(opts.output, opts.source, force=opts.force)
-    host.require_root("refit")
+    backend = select_backend(opts.backend, info, "refit", opts.workdir or _default_workdir(opts))
     if opts.in_place:
         log.warning("--in-place: %s itself is changed; there is no undo", opts.source)
     with Resources() as outer:
@@ -152,18 +281,32 @@ def refit(opts: RefitOptions) -> RefitResult:
             image = outer.enter_context(export.overlay(info, work / "overlay.qcow2"))
             fmt = ImageFormat.QCOW2
         try:
-            with attach(info, image, fmt, work, writable=True) as att:
+            with attach_guest(
+                backend,
+                info,
+                image,
+                fmt,
+                work,
+                writable=True,
+                options=opts.appliance,
+                network=_needs_network(opts.recipe),
+            ) as att:
                 result = _change_guest(opts, info, att)
-                att.tree.sync()
+                att.sync()
                 with step("Trimming free space"):
-                    att.tree.trim()
-                att.tree.sync()
+                    att.trim()
+                att.sync()
         except (CareenError, OSError) as e:
             _explain_full_disk(work, e)
             raise
         if opts.output is not None and not opts.in_place:
             write_image(image, fmt, opts.output, opts.output_format, compress=opts.compress)
     return result
+
+
+def _needs_network(recipe: Recipe) -> bool:
+    # Removing packages and cleaning caches work offline; fetching them does not.
+    return any(s.op in (Op.UPDATE, Op.INSTALL) for s in recipe.all_steps)
 
 
 def _explain_full_disk(work: Path, error: BaseException) -> None:
@@ -191,14 +334,12 @@ def _change_guest(opts: RefitOptions, info: ImageInfo, att: Attached) -> RefitRe
     ctx = ops.Context(att.guest, facts, timeout=opts.command_timeout)
     before = changes.snapshot(att.guest, _installed(ctx))
     debian = facts.package_manager == "apt"
-    with session.prepared(att.guest, debian), _boot_loader_held(ctx, att.tree.esp_unmounted):
+    prepared = session.prepared(att.guest, debian, att.resolver)
+    with prepared, _boot_loader_held(ctx, att.esp_unmounted):
         ops.apply_steps(ctx, opts.recipe.all_steps)
     after = changes.snapshot(att.guest, _installed(ctx))
-    notes = [*att.tree.notes, *ctx.notes]
-    mounts = [
-        {"guest": m.guest_path, "source": m.fs.source, "type": m.fs.type} for m in att.tree.mounts
-    ]
-    return RefitResult(info, opts.output, facts, changes.diff(before, after), notes, mounts)
+    notes = [*att.notes, *ctx.notes]
+    return RefitResult(info, opts.output, facts, changes.diff(before, after), notes, att.mounts)
 
 
 def _installed(ctx: ops.Context) -> dict[str, str]:
@@ -225,4 +366,12 @@ def _boot_loader_held(ctx: ops.Context, esp_unmounted: bool) -> Iterator[None]:
         ctx.packages.unhold(ctx.guest, held)
 
 
-__all__ = ["Op", "RefitOptions", "RefitResult", "inspect_image", "refit"]
+__all__ = [
+    "ApplianceOptions",
+    "Backend",
+    "Op",
+    "RefitOptions",
+    "RefitResult",
+    "inspect_image",
+    "refit",
+]

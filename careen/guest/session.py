@@ -1,9 +1,10 @@
 """What a guest needs around a run of its own programs, put back exactly afterwards.
 
 - A working resolver: the guest's `/etc/resolv.conf` is often a symlink into `/run`,
-  which is empty offline. careen puts the host's resolver configuration there as a
-  plain file for the run, then restores the original: a symlink stays the same symlink,
-  a file keeps its bytes, mode and owner, a missing file is missing again.
+  which is empty offline. careen puts a working resolver configuration there (the
+  host's, or the appliance's) as a plain file for the run, then restores the original:
+  a symlink stays the same symlink, a file keeps its bytes, mode and owner, a missing
+  file is missing again.
 - No service starts: on Debian-family guests a `policy-rc.d` that denies every start
   (a guest's own one is put back afterwards); elsewhere the sandbox has no init system
   for `systemctl` to talk to, and `SYSTEMD_OFFLINE=1` says so.
@@ -85,9 +86,13 @@ def host_resolver() -> bytes:
 
 
 @contextmanager
-def prepared(guest: Guest, debian_family: bool) -> Iterator[None]:
-    """The guest ready to run package tools: resolver in place, services forbidden."""
-    with replaced(guest, RESOLV_CONF, host_resolver(), 0o644):
+def prepared(guest: Guest, debian_family: bool, resolver: bytes | None = None) -> Iterator[None]:
+    """The guest ready to run package tools: resolver in place, services forbidden.
+
+    `resolver` is the resolver file for the run; the host's by default, since the
+    host backend shares the host's network, while an appliance has its own.
+    """
+    with replaced(guest, RESOLV_CONF, resolver or host_resolver(), 0o644):
         if not debian_family or guest.lstat(os.path.dirname(POLICY_RC_D)) is None:
             yield
             return
