@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -23,11 +24,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from careen import __version__, journal, linux, recipe, recover
+from careen import __version__, interrupts, journal, linux, recipe, recover
 from careen.accel import Accel
 from careen.attach import host
 from careen.errors import CareenError, ExitCode, UsageError
-from careen.image.model import Disk, ImageFormat
+from careen.image.model import Disk, ImageFormat, Segment
 from careen.refit import (
     ApplianceOptions,
     Backend,
@@ -41,17 +42,11 @@ log = logging.getLogger("careen")
 _LIST_LIMIT = 40
 
 
-class Interrupted(BaseException):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
-    # Unwind like Ctrl-C so every resource is released; ignore repeats meanwhile.
+    # Unwind like Ctrl-C so every resource is released; repeats only say so meanwhile.
     signal.signal(signal.SIGINT, _cleanup_in_progress)
     signal.signal(signal.SIGTERM, _cleanup_in_progress)
-    raise Interrupted(signum)
+    interrupts.deliver(signum)
 
 
 def _cleanup_in_progress(signum: int, _frame: FrameType | None) -> None:
@@ -93,6 +88,16 @@ _FLAG_OPS = {
 }
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="careen", description="Refit existing cloud images offline, without booting them."
@@ -122,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     ref.add_argument("--backing-file", type=Path, help="allow this backing file of the source")
     ref.add_argument("--data-file", type=Path, help="allow this external data file")
     ref.add_argument(
-        "--timeout", type=float, default=3600.0, help="seconds one command in the guest may run"
+        "--timeout", type=_seconds, default=3600.0, help="seconds one command in the guest may run"
     )
     ref.add_argument("--format", choices=("text", "json"), default="text")
     _add_backend_options(ref)
@@ -165,10 +170,16 @@ def _appliance_options(args: argparse.Namespace) -> ApplianceOptions:
     return ApplianceOptions(Accel(args.accel), args.smp, args.memsize)
 
 
+def _console(stderr: bool = False) -> Console:
+    # Not a terminal: do not wrap at 80 columns, or UUIDs and paths get cut.
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 200)
+
+
 def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = RichHandler(
-        console=Console(stderr=True), show_time=debug, show_path=False, markup=False
+        console=_console(stderr=True), show_time=debug, show_path=False, markup=False
     )
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s")
 
@@ -197,9 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.hint:
             print(f"careen: hint: {e.hint}", file=sys.stderr)
         return int(e.exit_code)
-    except Interrupted as e:
+    except interrupts.Interrupted as e:
         print(f"careen: interrupted ({e}); everything was released", file=sys.stderr)
         return 128 + e.signum
+    except BrokenPipeError:
+        # The reader went away (`careen inspect ... | head`): stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitCode.OK)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -299,7 +314,7 @@ def _size(n: int) -> str:
 
 
 def _print_disk(disk: Disk) -> None:
-    out = Console()
+    out = _console()
     img = disk.image
     out.print(
         f"[bold]{img.path}[/]: {img.format}, virtual size {_size(img.virtual_size)}, "
@@ -331,7 +346,7 @@ def _print_disk(disk: Disk) -> None:
             t.add_column(col)
         for lv in vg.lvs:
             size = sum(s.extent_count for s in lv.segments) * vg.extent_size
-            segs = ", ".join(f"{s.type}x{len(s.stripes)}" for s in lv.segments)
+            segs = "" if lv.layout == "linear" else _segments(lv.segments)
             t.add_row(lv.name, _size(size), lv.layout, segs)
         out.print(t)
     t = Table(title="Filesystems", title_justify="left")
@@ -360,6 +375,12 @@ def _print_disk(disk: Disk) -> None:
         out.print(f"note: {note}")
 
 
+def _segments(segments: Sequence[Segment]) -> str:
+    return ", ".join(
+        f"{s.type} ({len(s.stripes)} stripe(s), {s.extent_count} extents)" for s in segments
+    )
+
+
 def _mountpoints(disk: Disk) -> dict[str, str]:
     found: dict[str, str] = {}
     if disk.root:
@@ -373,7 +394,7 @@ def _mountpoints(disk: Disk) -> dict[str, str]:
 
 
 def _print_result(result: RefitResult) -> None:
-    out = Console()
+    out = _console()
     ch = result.changes
     t = Table(title="Packages", title_justify="left")
     for col in ("package", "before", "after"):

@@ -30,11 +30,12 @@ from careen import journal, locks
 from careen.accel import Accel, resolve
 from careen.attach import appliance, export, host
 from careen.cleanup import Resources
-from careen.errors import CareenError
+from careen.errors import CareenError, UsageError
 from careen.guest import changes, ops, osinfo, pkg, session
 from careen.guest.base import Guest, RootGuest, read_text
 from careen.image import filesystems, probe
 from careen.image.model import Disk, ImageFormat, ImageInfo, OSInfo
+from careen.interrupts import critical
 from careen.log import step
 from careen.output import check_destination, check_space, write_image
 from careen.recipe import Op, Recipe
@@ -88,8 +89,15 @@ class RefitResult:
 def workdir(parent: Path | None) -> Iterator[Path]:
     """A private directory for the overlay and mount points, removed afterwards."""
     base = parent or Path(tempfile.gettempdir())
-    path = Path(tempfile.mkdtemp(prefix="careen-", dir=base))
-    handle = journal.record("dir", path=str(path), what="work directory")
+    with critical():  # journaled before Ctrl-C can strike
+        try:
+            path = Path(tempfile.mkdtemp(prefix="careen-", dir=base))
+        except OSError as e:
+            raise CareenError(
+                f"cannot make a work directory in {base}: {e.strerror}",
+                hint="give --workdir an existing directory you can write to",
+            ) from e
+        handle = journal.record("dir", path=str(path), what="work directory")
     try:
         yield path
     finally:
@@ -264,7 +272,10 @@ def _check_recipe(recipe: Recipe, facts: OSInfo) -> None:
 
 def refit(opts: RefitOptions) -> RefitResult:
     if not opts.in_place and opts.output is None:
-        raise CareenError("refit needs an output (-o FILE), or --in-place")
+        raise UsageError(
+            "refit needs an output",
+            hint="add -o FILE for a new image, or --in-place to change this one",
+        )
     info = probe.probe_image(opts.source, backing_file=opts.backing_file, data_file=opts.data_file)
     if opts.output is not None:
         check_destination(opts.output, opts.source, force=opts.force)

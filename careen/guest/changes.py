@@ -7,7 +7,7 @@ as a whole is reported once, not with everything under it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from careen.guest.base import Guest
@@ -26,7 +26,6 @@ class Changes:
     removed_packages: tuple[tuple[str, str], ...] = ()
     created: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -36,7 +35,6 @@ class Changes:
                 "removed": [{"name": n, "version": v} for n, v in self.removed_packages],
             },
             "paths": {"created": list(self.created), "removed": list(self.removed)},
-            "notes": list(self.notes),
         }
 
 
