@@ -237,16 +237,23 @@ def _mount_device(
 
 
 def unmount(path: str) -> None:
-    """Unmount, ending any process that still uses the tree; retry a little."""
+    """Unmount, ending any process that still uses the tree; retry a little.
+
+    If the filesystem is still busy after that, the holder is careen itself (a descriptor
+    kept alive by an exception's frames): the mount is detached lazily and goes when the
+    descriptor does, at the latest with careen's private mount namespace.
+    """
     for attempt in range(5):
         try:
             linux.umount(path, _UMOUNT_NOFOLLOW)
             return
         except OSError as e:
-            if e.errno != errno.EBUSY or attempt == 4:
+            if e.errno != errno.EBUSY:
                 raise
             kill_processes_under(path)
             time.sleep(0.2 * (attempt + 1))
+    log.warning("%s is still busy; detaching it lazily", path)
+    linux.umount(path, _UMOUNT_NOFOLLOW | linux.MNT_DETACH)
 
 
 def kill_processes_under(path: str) -> list[int]:

@@ -24,6 +24,7 @@ from typing import Protocol
 from careen import linux
 from careen.errors import CareenError
 from careen.guest import sandbox
+from careen.interrupts import critical
 
 
 class Guest(Protocol):
@@ -182,13 +183,18 @@ class RootGuest:
                 return
             raise
         base = PurePosixPath("/" + path.lstrip("/"))
-        with linux.opened(fd):
+        found: list[tuple[str, str]] = []
+        # Whole, and without Ctrl-C in the middle: an interrupted fwalk leaves directory
+        # descriptors in the frames its exception keeps alive, and they keep the guest's
+        # filesystem busy when careen unmounts it.
+        with critical(), linux.opened(fd):
             for top, dirs, files, dfd in os.fwalk(".", dir_fd=fd):
                 rel = base / top
                 for name in dirs + files:
                     mode = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
                     kind = "l" if stat.S_ISLNK(mode) else "d" if stat.S_ISDIR(mode) else "f"
-                    yield str(rel / name), kind
+                    found.append((str(rel / name), kind))
+        yield from found
 
     def run(
         self,
