@@ -240,6 +240,10 @@ def test_not_root(bare_qcow2: Path) -> None:
             image,
             "-o",
             c.out,
+            # The host backend asked for by name; `auto` would take the appliance, which
+            # needs no root (tests/appliance runs it unprivileged).
+            "--backend",
+            "host",
             tmpdir=c.tmpdir,
             prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
             # A user's own home, as `sudo -u` or a login would give (not root's).
