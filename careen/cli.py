@@ -178,10 +178,15 @@ def _console(stderr: bool = False) -> Console:
 
 def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(
-        console=_console(stderr=True), show_time=debug, show_path=False, markup=False
-    )
-    logging.basicConfig(level=level, handlers=[handler], format="%(message)s")
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(
+            console=_console(stderr=True), show_time=debug, show_path=False, markup=False
+        )
+        logging.basicConfig(level=level, handlers=[handler], format="%(message)s")
+        return
+    # A log file or a pipe: plain lines, unwrapped, nothing padded.
+    fmt = "%(asctime)s %(levelname)s %(message)s" if debug else "%(levelname)s %(message)s"
+    logging.basicConfig(level=level, handlers=[logging.StreamHandler()], format=fmt)
 
 
 def _recipe(args: argparse.Namespace) -> recipe.Recipe:
