@@ -10,9 +10,14 @@ this state is too; it is only ever touched from the main thread.
 
 from __future__ import annotations
 
+import functools
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class Interrupted(BaseException):
@@ -48,3 +53,14 @@ def critical() -> Iterator[None]:
         if _depth == 0 and _pending is not None:
             signum, _pending = _pending, None
             raise Interrupted(signum)
+
+
+def uninterrupted(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run the whole function inside `critical()`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with critical():
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -29,7 +29,7 @@ from careen.errors import CareenError
 from careen.image.filesystems import parse_fstab
 from careen.image.lvm import lv_region
 from careen.image.model import Disk, Filesystem, FstabEntry, Region
-from careen.interrupts import critical
+from careen.interrupts import uninterrupted
 from careen.log import step
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class Root:
     subvol: str | None = None
 
 
+@uninterrupted  # no Ctrl-C between the mount and the registration of its release
 def _mount_fs(
     res: Resources,
     raw: Path,
@@ -142,32 +143,6 @@ def _mount_fs(
     the first mount, which holds it: two loop devices over the same bytes would be two
     caches of one filesystem, and writes through one would be lost.
     """
-    with critical():  # no Ctrl-C between the mount and the registration of its release
-        return _mount_fs_now(
-            res,
-            raw,
-            disk,
-            fs,
-            target_fd,
-            writable=writable,
-            options=options,
-            what=what,
-            devices=devices,
-        )
-
-
-def _mount_fs_now(
-    res: Resources,
-    raw: Path,
-    disk: Disk,
-    fs: Filesystem,
-    target_fd: int,
-    *,
-    writable: bool,
-    options: str,
-    what: str,
-    devices: dict[Region | str, str] | None,
-) -> str:
     host_path = os.readlink(linux.fd_path(target_fd))
     key: Region | str = fs.region or (fs.lv.uuid if fs.lv else fs.source)
     handle = journal.record("mount", path=host_path, backing=str(raw), source=fs.source)
