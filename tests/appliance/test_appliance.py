@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
@@ -203,13 +202,6 @@ def spine_source_root(spine: Run) -> Iterator[Path]:
         yield root
 
 
-def _describe(path: Path) -> tuple[object, ...]:
-    st = path.lstat()
-    if stat.S_ISLNK(st.st_mode):
-        return ("link", os.readlink(path))
-    return ("file", path.read_bytes(), st.st_mode, st.st_uid, st.st_gid)
-
-
 def _cloud_state_gone(root: Path) -> None:
     cloud = root / "var/lib/cloud"
     assert not os.path.lexists(cloud / "instance")
@@ -247,8 +239,8 @@ def test_spine_cloud_state_and_caches(spine_root: Path, spine_source_root: Path)
 
 @pytest.mark.timeout(120)
 def test_spine_resolv_conf_exactly_as_before(spine_root: Path, spine_source_root: Path) -> None:
-    before = _describe(spine_source_root / "etc/resolv.conf")
-    assert _describe(spine_root / "etc/resolv.conf") == before
+    before = verify.describe(spine_source_root / "etc/resolv.conf")
+    assert verify.describe(spine_root / "etc/resolv.conf") == before
 
 
 @pytest.mark.timeout(300)
@@ -290,7 +282,7 @@ def test_unprivileged_gpt(unprivileged: Run) -> None:
     verify.sh("qemu-img", "check", unprivileged.output)
     with verify.mounted_root(unprivileged.output) as root:
         _cloud_state_gone(root)
-        assert _describe(root / "etc/resolv.conf") == (
+        assert verify.describe(root / "etc/resolv.conf") == (
             "link",
             "../run/systemd/resolve/stub-resolv.conf",
         )

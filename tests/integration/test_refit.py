@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -150,19 +149,12 @@ def test_caches_are_empty(output_root: Path, source_root: Path) -> None:
     assert lists <= {"lock", "partial"}
 
 
-def _describe(path: Path) -> tuple[object, ...]:
-    st = path.lstat()
-    if stat.S_ISLNK(st.st_mode):
-        return ("link", os.readlink(path))
-    return ("file", path.read_bytes(), st.st_mode, st.st_uid, st.st_gid)
-
-
 @pytest.mark.timeout(60)
 def test_resolv_conf_is_exactly_as_before(
     refit: Refit, output_root: Path, source_root: Path
 ) -> None:
-    before = _describe(source_root / "etc/resolv.conf")
-    assert _describe(output_root / "etc/resolv.conf") == before
+    before = verify.describe(source_root / "etc/resolv.conf")
+    assert verify.describe(output_root / "etc/resolv.conf") == before
     if refit.layout is Layout.GPT:
         assert before == ("link", "../run/systemd/resolve/stub-resolv.conf")
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -195,3 +196,12 @@ def host_state() -> HostState:
         hostname=socket.gethostname(),
         run_entries=frozenset(os.listdir("/run")),
     )
+
+
+def describe(path: Path) -> tuple[object, ...]:
+    """A file or symlink as something to compare exactly: a link's target, or a file's
+    bytes, mode and owner."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return ("link", os.readlink(path))
+    return ("file", path.read_bytes(), st.st_mode, st.st_uid, st.st_gid)
