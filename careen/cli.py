@@ -28,7 +28,7 @@ from careen import __version__, interrupts, journal, linux, recipe, recover
 from careen.accel import Accel
 from careen.attach import host
 from careen.errors import CareenError, ExitCode, UsageError
-from careen.image.model import Disk, ImageFormat, Segment
+from careen.image.model import Disk, ImageFormat, OSInfo, Segment
 from careen.refit import (
     ApplianceOptions,
     Backend,
@@ -85,6 +85,10 @@ _FLAG_OPS = {
     "--reset-cloud-init": ("reset-cloud-init", "reset cloud-init state and network identity"),
     "--reset-machine-id": ("reset-machine-id", "empty /etc/machine-id"),
     "--remove-ssh-host-keys": ("remove-ssh-host-keys", "remove the SSH host keys"),
+    "--reset-cloudbase-init": (
+        "reset-cloudbase-init",
+        "Windows: empty cloudbase-init's LocalScripts and remove its plugin state",
+    ),
 }
 
 
@@ -160,6 +164,12 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--smp", type=int, help="the appliance's virtual CPUs")
     p.add_argument("--memsize", type=int, metavar="MiB", help="the appliance's memory")
+    p.add_argument(
+        "--force-ntfs",
+        action="store_true",
+        help="write to an NTFS that Windows left dirty or hibernated (the hibernated "
+        "session is lost)",
+    )
 
 
 def _appliance_options(args: argparse.Namespace) -> ApplianceOptions:
@@ -167,7 +177,7 @@ def _appliance_options(args: argparse.Namespace) -> ApplianceOptions:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be a positive number")
-    return ApplianceOptions(Accel(args.accel), args.smp, args.memsize)
+    return ApplianceOptions(Accel(args.accel), args.smp, args.memsize, args.force_ntfs)
 
 
 def _console(stderr: bool = False) -> Console:
@@ -363,21 +373,29 @@ def _print_disk(disk: Disk) -> None:
     out.print(t)
     if disk.os:
         o = disk.os
-        rows = [
-            ("OS", f"{o.pretty_name} ({o.distro} {o.version})"),
-            ("package manager", o.package_manager or "none found"),
-            ("cloud-init", o.cloud_init or "not installed"),
-            ("cloudbase-init", o.cloudbase_init or "not installed"),
-            ("resolv.conf", o.resolv_conf),
-            ("SELinux", o.selinux),
-            ("root", disk.root.source if disk.root else "?"),
-        ]
+        rows = [("OS", f"{o.pretty_name} ({o.distro} {o.version})")]
+        if o.family == "windows":
+            rows.append(("cloudbase-init", _cloudbase_init(o)))
+        else:
+            rows += [
+                ("package manager", o.package_manager or "none found"),
+                ("cloud-init", o.cloud_init or "not installed"),
+                ("resolv.conf", o.resolv_conf),
+                ("SELinux", o.selinux),
+            ]
+        rows.append(("root", disk.root.source if disk.root else "?"))
         t = Table(show_header=False, title="Guest", title_justify="left")
         for k, v in rows:
             t.add_row(k, v)
         out.print(t)
     for note in disk.notes:
         out.print(f"note: {note}")
+
+
+def _cloudbase_init(o: OSInfo) -> str:
+    if o.cloudbase_init is None:
+        return "not installed"
+    return f"{o.cloudbase_init} in {o.cloudbase_init_folder}"
 
 
 def _segments(segments: Sequence[Segment]) -> str:

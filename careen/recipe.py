@@ -17,6 +17,7 @@ A recipe is YAML: a mapping with an optional `name` and `description` and a list
       - reset-cloud-init: true      # or {machine-id: true} to also empty /etc/machine-id
       - reset-machine-id: true
       - remove-ssh-host-keys: true
+      - reset-cloudbase-init: true  # Windows: empty LocalScripts, forget plugin state
 
 Errors name the step, the field and the line. The same operations are available as
 command-line options, which append steps after the recipe's.
@@ -51,6 +52,7 @@ class Op(StrEnum):
     RESET_CLOUD_INIT = "reset-cloud-init"
     RESET_MACHINE_ID = "reset-machine-id"
     REMOVE_SSH_HOST_KEYS = "remove-ssh-host-keys"
+    RESET_CLOUDBASE_INIT = "reset-cloudbase-init"
 
     @property
     def needs_package_manager(self) -> bool:
@@ -112,7 +114,7 @@ def _plain(obj: object) -> Any:
     return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else obj
 
 
-BUILTIN = ("cloud-init-refresh", "reset-identity", "empty")
+BUILTIN = ("cloud-init-refresh", "reset-identity", "cloudbase-init-reset", "empty")
 
 
 class _Where:
@@ -362,6 +364,7 @@ _STEP_PARSERS = {
     Op.RESET_CLOUD_INIT: _parse_flag,
     Op.RESET_MACHINE_ID: _parse_flag,
     Op.REMOVE_SSH_HOST_KEYS: _parse_flag,
+    Op.RESET_CLOUDBASE_INIT: _parse_flag,
 }
 
 

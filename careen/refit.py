@@ -31,7 +31,7 @@ from careen.accel import Accel, resolve
 from careen.attach import appliance, export, host
 from careen.cleanup import Resources
 from careen.errors import CareenError, UsageError
-from careen.guest import changes, ops, osinfo, pkg, session
+from careen.guest import changes, ops, osinfo, pkg, session, windows
 from careen.guest.base import Guest, RootGuest, read_text
 from careen.image import filesystems, probe
 from careen.image.model import Disk, ImageFormat, ImageInfo, OSInfo
@@ -56,6 +56,7 @@ class ApplianceOptions:
     accel: Accel = Accel.AUTO
     smp: int | None = None
     memsize: int | None = None  # MiB
+    force_ntfs: bool = False  # write to an NTFS that Windows left dirty or hibernated
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,10 @@ def host_refusal(info: ImageInfo, parent: Path | None) -> str | None:
         with step("Checking what the host can mount"):
             table, vgs, fss = filesystems.scan_disk(raw, info)
         disk = Disk(info, table, vgs, fss)
+        if not any(fs.type in host.LINUX_FILESYSTEMS for fs in fss) and any(
+            fs.type == "ntfs" for fs in fss
+        ):
+            return "it holds NTFS (Windows), which only the appliance mounts"
         refusals = []
         for fs in fss:
             if fs.type not in host.LINUX_FILESYSTEMS:
@@ -190,9 +195,13 @@ def attach_guest(
         accelerator=resolve(options.accel),
         smp=options.smp,
         memsize=options.memsize,
+        force_ntfs=options.force_ntfs,
     ) as app:
         journal.checkpoint("mounted")
-        facts = osinfo.detect(app.guest, appliance.read_fstab(app.guest))
+        if app.os_type == "windows":
+            facts = windows.detect(app.guest, app.root_device)
+        else:
+            facts = osinfo.detect(app.guest, appliance.read_fstab(app.guest))
         disk = replace(app.disk, os=facts, notes=tuple(app.notes))
         mounts = [{"guest": m.guest_path, "source": m.source, "type": m.type} for m in app.mounts]
         resolver = app.resolver if network else None
@@ -265,6 +274,7 @@ def inspect_image(
 
 def _check_recipe(recipe: Recipe, facts: OSInfo) -> None:
     """Refuse before changing anything what the guest cannot do."""
+    windows.check_recipe(facts, recipe.all_steps)
     if any(s.op.needs_package_manager for s in recipe.all_steps):
         pkg.get(facts.package_manager)  # raises with a hint
     ops.check_package_names(recipe.all_steps)
@@ -345,7 +355,8 @@ def _change_guest(opts: RefitOptions, info: ImageInfo, att: Attached) -> RefitRe
     ctx = ops.Context(att.guest, facts, timeout=opts.command_timeout)
     before = changes.snapshot(att.guest, _installed(ctx))
     debian = facts.package_manager == "apt"
-    prepared = session.prepared(att.guest, debian, att.resolver)
+    linux = facts.family == "linux"
+    prepared = session.prepared(att.guest, debian, att.resolver) if linux else nullcontext()
     with prepared, _boot_loader_held(ctx, att.esp_unmounted):
         ops.apply_steps(ctx, opts.recipe.all_steps)
     after = changes.snapshot(att.guest, _installed(ctx))

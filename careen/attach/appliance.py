@@ -33,6 +33,7 @@ from careen import accel, journal
 from careen.cleanup import Resources
 from careen.errors import CareenError
 from careen.guest import sandbox
+from careen.image import ntfs
 from careen.image.filesystems import parse_fstab
 from careen.image.model import (
     Disk,
@@ -152,8 +153,18 @@ def _split(path: str) -> tuple[str, str]:
 class ApplianceGuest:
     """A guest mounted inside a launched libguestfs appliance (`g`)."""
 
-    def __init__(self, g: Any) -> None:
+    def __init__(self, g: Any, *, case_insensitive: bool = False) -> None:
         self.g = g
+        self.case_insensitive = case_insensitive
+
+    def _path(self, path: str) -> str:
+        """The guest path; on Windows, spelt the way the filesystem spells it."""
+        path = _guest_path(path)
+        if self.case_insensitive:
+            with contextlib.suppress(RuntimeError):
+                resolved: str = self.g.case_sensitive_path(path)
+                return resolved
+        return path
 
     def _call(self, path: str, fn: str, *args: Any) -> Any:
         try:
@@ -162,7 +173,7 @@ class ApplianceGuest:
             raise _os_error(e, path) from e
 
     def read_bytes(self, path: str, limit: int = 16 << 20) -> bytes:
-        path = _guest_path(path)
+        path = self._path(path)
         st = self._call(path, "statns", path)
         if not stat.S_ISREG(st["st_mode"]):
             raise CareenError(f"the guest's {path} is not a regular file; refusing to read it")
@@ -178,7 +189,7 @@ class ApplianceGuest:
 
     def write_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Write a regular file; a symlink or special file in its place is replaced."""
-        parent, name = _split(path)
+        parent, name = _split(self._path(path))
         tmp = f"{parent.rstrip('/')}/.{name}.careen-tmp-{secrets.token_hex(4)}"
         try:
             if len(data) <= _INLINE_LIMIT:
@@ -190,7 +201,7 @@ class ApplianceGuest:
                     self._call(tmp, "upload", local.name, tmp)
             self._call(tmp, "chmod", mode, tmp)
             # rename(2) replaces a link in the last component instead of writing through it.
-            self._call(path, "rename", tmp, _guest_path(path))
+            self._call(path, "rename", tmp, self._path(path))
         except BaseException:
             with contextlib.suppress(RuntimeError):
                 self.g.rm_f(tmp)
@@ -198,19 +209,19 @@ class ApplianceGuest:
 
     def lstat(self, path: str) -> os.stat_result | None:
         try:
-            return stat_result(self._call(path, "lstatns", _guest_path(path)))
+            return stat_result(self._call(path, "lstatns", self._path(path)))
         except (FileNotFoundError, NotADirectoryError):
             return None
 
     def readlink(self, path: str) -> str:
-        target: str = self._call(path, "readlink", _guest_path(path))
+        target: str = self._call(path, "readlink", self._path(path))
         return target
 
     def symlink(self, target: str, path: str) -> None:
-        self._call(path, "ln_s", target, _guest_path(path))
+        self._call(path, "ln_s", target, self._path(path))
 
     def chown(self, path: str, uid: int, gid: int) -> None:
-        self._call(path, "lchown", uid, gid, _guest_path(path))
+        self._call(path, "lchown", uid, gid, self._path(path))
 
     def delete(self, path: str) -> bool:
         """Remove a file, link or whole directory tree; False when it was not there."""
@@ -219,13 +230,13 @@ class ApplianceGuest:
         if st is None:
             return False
         if stat.S_ISDIR(st.st_mode):
-            self._call(path, "rm_rf", _guest_path(path))  # rm -rf never follows links
+            self._call(path, "rm_rf", self._path(path))  # rm -rf never follows links
         else:
-            self._call(path, "rm", _guest_path(path))
+            self._call(path, "rm", self._path(path))
         return True
 
     def listdir(self, path: str) -> list[str]:
-        names: list[str] = self._call(path, "ls", _guest_path(path))
+        names: list[str] = self._call(path, "ls", self._path(path))
         return names
 
     def walk(self, path: str = "/") -> Iterator[tuple[str, str]]:
@@ -234,7 +245,7 @@ class ApplianceGuest:
         One `find0` lists the tree and `lstatnslist` types it in batches: a call per file
         would cost a round trip to the appliance each.
         """
-        base = _guest_path(path)
+        base = self._path(path)
         st = self.lstat(base)
         if st is None or not stat.S_ISDIR(st.st_mode):
             return
@@ -314,6 +325,8 @@ class Appliance:
     esp_unmounted: bool = False
     resolver: bytes = SLIRP_RESOLVER
     trimmed: bool = False
+    root_device: str = ""
+    os_type: str = "linux"  # libguestfs's inspection: linux, windows...
 
     def sync(self) -> None:
         try:
@@ -445,6 +458,7 @@ def attach(
     accelerator: accel.Accel = accel.Accel.TCG,
     smp: int | None = None,
     memsize: int | None = None,
+    force_ntfs: bool = False,
 ) -> Iterator[Appliance]:
     """Launch one appliance over `image`, mount the guest as inspection finds it.
 
@@ -483,7 +497,7 @@ def attach(
         res.release("the libguestfs appliance", shut_down)
         if network:
             _check_network(g)
-        app = _mount(g, info, writable=writable)
+        app = _mount(g, info, writable=writable, force_ntfs=force_ntfs)
         if network:
             app.resolver = _resolver(g)
 
@@ -498,7 +512,7 @@ def attach(
         yield app
 
 
-def _mount(g: Any, info: ImageInfo, *, writable: bool) -> Appliance:
+def _mount(g: Any, info: ImageInfo, *, writable: bool, force_ntfs: bool) -> Appliance:
     with step("Finding the guest's filesystems (libguestfs inspection)"):
         roots = g.inspect_os()
     if not roots:
@@ -510,16 +524,21 @@ def _mount(g: Any, info: ImageInfo, *, writable: bool) -> Appliance:
     if len(roots) > 1:
         raise CareenError(f"{info.path} holds {len(roots)} operating systems: {', '.join(roots)}")
     root_dev = roots[0]
-    app = Appliance(g, ApplianceGuest(g), _disk(g, info, root_dev))
+    os_type = g.inspect_get_type(root_dev)
+    guest = ApplianceGuest(g, case_insensitive=os_type == "windows")
+    app = Appliance(g, guest, _disk(g, info, root_dev), root_device=root_dev, os_type=os_type)
     points = g.inspect_get_mountpoints(root_dev)
     fstypes = g.list_filesystems()
     # Parents before children: "/" first, then "/boot", then "/boot/efi".
     for guest_path, device in sorted(points.items(), key=lambda kv: kv[0].count("/") + len(kv[0])):
         fstype = fstypes.get(device, "unknown")
+        options = ""
+        if fstype == "ntfs":
+            options = _check_ntfs(g, device, guest_path, app, writable=writable, force=force_ntfs)
         with step(f"Mounting {guest_path} ({fstype} on {source_name(device)}) in the appliance"):
             try:
                 if writable:
-                    g.mount(device, guest_path)
+                    g.mount_options(options, device, guest_path)
                 else:
                     g.mount_ro(device, guest_path)
             except RuntimeError as e:
@@ -533,6 +552,58 @@ def _mount(g: Any, info: ImageInfo, *, writable: bool) -> Appliance:
                 continue
         app.mounts.append(ApplianceMount(guest_path, device, source_name(device), fstype))
     return app
+
+
+def _check_ntfs(
+    g: Any, device: str, guest_path: str, app: Appliance, *, writable: bool, force: bool
+) -> str:
+    """Refuse to write to an NTFS that Windows left dirty or hibernated; mount options.
+
+    Windows keeps part of such a volume's state in memory or in hiberfil.sys: writing to
+    it from outside and booting Windows again can corrupt it. Forced, ntfs-3g is told to
+    remove the hibernation file (the hibernated session is lost).
+    """
+    where = f"the NTFS on {source_name(device)}"
+    try:
+        state = ntfs.volume_state(lambda offset, size: g.pread_device(device, size, offset))
+    except RuntimeError as e:
+        raise CareenError(f"cannot read {where}: {e}") from e
+    g.mount_ro(device, guest_path)
+    try:
+        hibernated = ntfs.hibernated(_hiberfil_header(g, guest_path))
+    finally:
+        g.umount(guest_path)
+    problems = []
+    if state.dirty:
+        problems.append("Windows did not close it cleanly (the volume is marked dirty)")
+    if hibernated:
+        problems.append("Windows is hibernated on it (hiberfil.sys says so; fast startup too)")
+    if not problems:
+        return ""
+    what = f"{where}: {'; and '.join(problems)}"
+    if not writable:
+        app.notes.append(what)
+        return ""
+    if not force:
+        raise CareenError(
+            f"refusing to write to {what}",
+            hint="boot the image and shut Windows down fully (`shutdown /s /t 0`, with fast "
+            "startup off), or add --force-ntfs to write anyway (a hibernated session is "
+            "discarded); nothing was changed",
+        )
+    app.notes.append(f"written although {what} (--force-ntfs)")
+    log.warning("%s", app.notes[-1])
+    return "remove_hiberfile" if hibernated else ""
+
+
+def _hiberfil_header(g: Any, guest_path: str) -> bytes:
+    path = f"{guest_path.rstrip('/')}/hiberfil.sys"
+    try:
+        path = g.case_sensitive_path(path)
+        header: bytes = g.pread(path, 8, 0)
+    except RuntimeError:
+        return b""  # no hibernation file
+    return header
 
 
 def read_fstab(guest: ApplianceGuest) -> tuple[FstabEntry, ...]:

@@ -336,6 +336,11 @@ def find_root(raw: Path, disk: Disk, probe_dir: Path) -> Root:
             hint="careen does not refit encrypted images; refit the image before encryption",
         )
     kinds = ", ".join(sorted({fs.type for fs in disk.filesystems})) or "none"
+    if any(fs.type == "ntfs" for fs in disk.filesystems):
+        raise CareenError(
+            f"{disk.image.path} holds NTFS (a Windows disk?) and no Linux root",
+            hint="Windows images are refitted with --backend appliance (or auto)",
+        )
     raise CareenError(
         f"no Linux root filesystem found in {disk.image.path} (filesystems: {kinds})",
         hint="careen refits Linux images on this backend; check that this is a system disk",

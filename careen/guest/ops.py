@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from careen.errors import CareenError
-from careen.guest import pkg
+from careen.guest import pkg, windows
 from careen.guest.base import Guest, exists, glob, read_text
 from careen.image.model import OSInfo
 from careen.log import step
@@ -107,6 +107,8 @@ def apply_step(ctx: Context, s: Step) -> None:
             reset_machine_id(g)
         case Op.REMOVE_SSH_HOST_KEYS:
             delete_paths(g, SSH_HOST_KEYS)
+        case Op.RESET_CLOUDBASE_INIT:
+            ctx.notes.extend(windows.reset_cloudbase_init(g, ctx.os))
 
 
 def write_file(guest: Guest, path: str, data: bytes, mode: int | None) -> None:

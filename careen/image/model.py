@@ -205,7 +205,9 @@ class OSInfo:
     id_like: tuple[str, ...] = ()
     package_manager: str | None = None  # apt, dnf, yum, zypper, apk
     cloud_init: str | None = None  # version, when installed
-    cloudbase_init: str | None = None
+    cloudbase_init: str | None = None  # version, when installed
+    cloudbase_init_folder: str | None = None  # as Windows names it: C:\\Program Files\\...
+    windows_systemroot: str | None = None  # guest path: /Windows
     resolv_conf: str = "missing"  # "file", "symlink -> TARGET", "symlink -> TARGET (dangling)"
     selinux: str = "none"  # enforcing, permissive, disabled, none
     fstab: tuple[FstabEntry, ...] = ()
