@@ -31,7 +31,7 @@ from careen.accel import Accel, resolve
 from careen.attach import appliance, export, host
 from careen.cleanup import Resources
 from careen.errors import CareenError, UsageError
-from careen.guest import changes, ops, osinfo, pkg, session, windows
+from careen.guest import changes, ops, osinfo, pkg, selinux, session, windows
 from careen.guest.base import Guest, RootGuest, read_text
 from careen.image import filesystems, probe
 from careen.image.model import Disk, ImageFormat, ImageInfo, OSInfo
@@ -359,6 +359,8 @@ def _change_guest(opts: RefitOptions, info: ImageInfo, att: Attached) -> RefitRe
     prepared = session.prepared(att.guest, debian, att.resolver) if linux else nullcontext()
     with prepared, _boot_loader_held(ctx, att.esp_unmounted):
         ops.apply_steps(ctx, opts.recipe.all_steps)
+    if opts.recipe.all_steps and (note := selinux.relabel(att.guest, facts, ctx.timeout)):
+        ctx.notes.append(note)
     after = changes.snapshot(att.guest, _installed(ctx))
     notes = [*att.notes, *ctx.notes]
     return RefitResult(info, opts.output, facts, changes.diff(before, after), notes, att.mounts)

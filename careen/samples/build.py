@@ -5,6 +5,8 @@ Each layout writes its filesystems straight into a sparse disk file: ext4 with
 metadata with the host's LVM tools on a loop device without ever activating anything
 (there may be no device-mapper). The guest's /etc/fstab and /etc/resolv.conf are
 rewritten in a private copy of the root so they match what each disk really holds.
+The SELinux layout is the MBR disk made from the SELinux variant of the root, labelled
+again after those rewrites so that every file in it carries its policy's label.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from careen.errors import CareenError
 from careen.log import step
 from careen.run import Arg, run
 from careen.samples.devices import loop_device, mounted
-from careen.samples.root import RESOLV_CONF
+from careen.samples.root import RESOLV_CONF, label_root
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class Layout(StrEnum):
     LVM = "lvm"
     LVM_QCOW2 = "lvm-qcow2"
     BARE = "bare"
+    SELINUX = "selinux"  # MBR, from the SELinux variant of the root, fully labelled
 
     @property
     def base(self) -> Layout | None:
@@ -68,6 +71,11 @@ class Layout(StrEnum):
     @property
     def symlinked_resolv_conf(self) -> bool:
         return self is Layout.GPT
+
+    @property
+    def selinux(self) -> bool:
+        """Made from the SELinux variant of the root."""
+        return self is Layout.SELINUX
 
 
 def layout_recipe(layout: Layout) -> dict[str, object]:
@@ -87,6 +95,7 @@ def layout_recipe(layout: Layout) -> dict[str, object]:
             "vg": VG_NAME,
         },
         Layout.BARE: {},
+        Layout.SELINUX: {"part_start": PART_START, "labelled": "setfiles"},
     }
     return {**common, **resolv, **specific[base], "format": layout.suffix}
 
@@ -140,6 +149,8 @@ def _write_raw(staging: Path, layout: Layout, disk: Path, scratch: Path) -> None
     match layout:
         case Layout.MBR:
             _write_mbr(staging, disk)
+        case Layout.SELINUX:
+            _write_mbr(staging, disk, labelled=True)
         case Layout.GPT:
             _write_gpt(staging, disk)
         case Layout.LVM:
@@ -181,9 +192,13 @@ def _write_ext4(staging: Path, disk: Path, region: Region, fs_uuid: str) -> None
         run([*argv, "-d", staging, "-E", f"offset={region.start}", disk, f"{region.size // 1024}k"])
 
 
-def _write_mbr(staging: Path, disk: Path) -> None:
+def _write_mbr(staging: Path, disk: Path, *, labelled: bool = False) -> None:
     fs_uuid = str(uuid.uuid4())
     _write_fstab(staging, f"UUID={fs_uuid} / ext4 errors=remount-ro 0 1")
+    if labelled:
+        # Labels the new fstab and resolv.conf; the hard-linked rest already carries the
+        # same labels from the cached root, so setfiles leaves the cache's inodes alone.
+        label_root(staging)
     (part,) = partition(disk, f"label: dos\nstart={PART_START // 512}, type=83, bootable\n")
     _write_ext4(staging, disk, part, fs_uuid)
 

@@ -3,6 +3,7 @@
 Layout of `${CAREEN_CACHE:-~/.cache/careen}/samples/`:
 
     root-<key>/                 the used guest root (a directory, read-only by convention)
+    selinux-root-<key>/         its SELinux variant (policy installed, files labelled)
     <layout>-<key>.raw|qcow2    one image per layout
     .lock                       held (flock) while anything is built
 
@@ -20,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,12 +54,23 @@ def root_key() -> str:
     return _digest({"build_version": BUILD_VERSION, **guest_root.recipe()})
 
 
+def selinux_root_key() -> str:
+    return _digest(
+        {"build_version": BUILD_VERSION, "base": root_key(), **guest_root.selinux_recipe()}
+    )
+
+
 def image_key(layout: Layout) -> str:
-    return _digest({"root": root_key(), **layout_recipe(layout)})
+    root = selinux_root_key() if layout.selinux else root_key()
+    return _digest({"root": root, **layout_recipe(layout)})
 
 
 def root_path(cache: Path | None = None) -> Path:
     return cache_dir(cache) / f"root-{root_key()}"
+
+
+def selinux_root_path(cache: Path | None = None) -> Path:
+    return cache_dir(cache) / f"selinux-root-{selinux_root_key()}"
 
 
 def image_path(layout: Layout, cache: Path | None = None) -> Path:
@@ -121,6 +133,18 @@ def _has_mounts(path: Path) -> bool:
 
 
 def _ensure_root(path: Path) -> None:
+    _ensure_dir(path, guest_root.build_root)
+
+
+def _ensure_selinux_root(cache: Path | None) -> Path:
+    base, path = root_path(cache), selinux_root_path(cache)
+    _ensure_root(base)
+    _ensure_dir(path, lambda tmp, _work: guest_root.build_selinux_root(base, tmp))
+    return path
+
+
+def _ensure_dir(path: Path, build: Callable[[Path, Path], None]) -> None:
+    """Build a root directory with `build(tmp, work)` under a temporary name, then rename."""
     if path.is_dir():
         return
     _check_root_privileges()
@@ -128,7 +152,7 @@ def _ensure_root(path: Path) -> None:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + _TMP))
         try:
             with tempfile.TemporaryDirectory(dir=path.parent, prefix="work" + _TMP) as work:
-                guest_root.build_root(tmp, Path(work))
+                build(tmp, Path(work))
         except BaseException:
             _discard(tmp)
             raise
@@ -145,6 +169,8 @@ def _ensure_image(layout: Layout, cache: Path | None) -> None:
         if layout.base:
             _ensure_image(layout.base, cache)
             convert_qcow2(image_path(layout.base, cache), tmp)
+        elif layout.selinux:
+            make_image(_ensure_selinux_root(cache), layout, tmp)
         else:
             _ensure_root(root_path(cache))
             make_image(root_path(cache), layout, tmp)

@@ -6,6 +6,10 @@ from a NoCloud seed so the root carries what a booted cloud instance leaves behi
 repository at /srv/careen-repo that offers a newer cloud-init, qemu-guest-agent with the
 dependencies the root lacks, and `tree`. The guest's apt sources name only that
 repository, so refitting a sample upgrades and installs packages without a network.
+
+`build_selinux_root()` makes a variant of that root with Debian's SELinux policy and
+tools installed from the mirror, SELinux enforcing in /etc/selinux/config, and every
+file labelled by the guest's own `setfiles`, as a guest that has booted with SELinux is.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from pathlib import Path
 
 from careen.errors import CareenError
 from careen.log import step
-from careen.run import run
-from careen.samples.devices import in_guest
+from careen.run import Arg, run
+from careen.samples.devices import GUEST_ENV, in_guest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,15 @@ CLOUD_INIT_STAGES = (
     ("modules", "--mode=config"),
     ("modules", "--mode=final"),
 )
+
+SELINUX_PACKAGES = ("selinux-policy-default", "selinux-basics", "policycoreutils", "selinux-utils")
+SELINUX_TYPE = "default"
+SELINUX_CONFIG = f"SELINUX=enforcing\nSELINUXTYPE={SELINUX_TYPE}\n"
+FILE_CONTEXTS = f"/etc/selinux/{SELINUX_TYPE}/contexts/files/file_contexts"
+# Scratch space inside the variant root for apt's lists and downloads from the mirror,
+# so the guest's own lists and package cache stay those of the local repository.
+_APT_SCRATCH = "tmp/careen-selinux-apt"
+_POLICY_RC_D = "usr/sbin/policy-rc.d"
 
 
 def recipe() -> dict[str, object]:
@@ -238,6 +251,103 @@ def _root_checks(root: Path) -> list[tuple[str, bool]]:
 def _link(path: Path) -> str:
     # The guest's links are absolute inside the guest: read them, never resolve them here.
     return os.readlink(path) if path.is_symlink() else ""
+
+
+def selinux_recipe() -> dict[str, object]:
+    """What `build_selinux_root()` adds to the used root; its cache key digests it."""
+    return {
+        "suite": SUITE,
+        "mirror": MIRROR,
+        "selinux_packages": SELINUX_PACKAGES,
+        "selinux_config": SELINUX_CONFIG,
+        "labelled": "setfiles",
+    }
+
+
+def build_selinux_root(base: Path, root: Path) -> None:
+    """Build the SELinux variant of the used root `base` into the empty directory `root`."""
+    with step(f"Copying the sample root into {root}"):
+        run(["cp", "-a", f"{base}/.", root])  # a real copy: packages change files in place
+    with step(f"Installing {', '.join(SELINUX_PACKAGES)} from {MIRROR}"):
+        _install_from_mirror(root, SELINUX_PACKAGES)
+    config = root / "etc/selinux/config"
+    config.unlink(missing_ok=True)
+    config.write_text(SELINUX_CONFIG)
+    with step(f"Labelling {root} with its own SELinux policy"):
+        label_root(root)
+    verify_selinux_root(root)
+
+
+def _install_from_mirror(root: Path, packages: Iterable[str]) -> None:
+    """apt-get install from the Debian mirror, leaving the guest's apt state alone."""
+    scratch = root / _APT_SCRATCH
+    for sub in ("lists/partial", "archives/partial"):
+        (scratch / sub).mkdir(parents=True)
+    (scratch / "sources.list").write_text(f"deb {MIRROR} {SUITE} main\n")
+    inside = f"/{_APT_SCRATCH}"
+    options = [
+        f"-oDir::Etc::SourceList={inside}/sources.list",
+        "-oDir::Etc::SourceParts=/nonexistent",
+        f"-oDir::State::Lists={inside}/lists",
+        f"-oDir::Cache::Archives={inside}/archives",
+        "-oDir::Cache::pkgcache=",
+        "-oDir::Cache::srcpkgcache=",
+    ]
+    resolv = root / "etc/resolv.conf"
+    resolv.unlink(missing_ok=True)
+    shutil.copyfile("/etc/resolv.conf", resolv)  # the guest's own names no real server
+    policy = root / _POLICY_RC_D
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    try:
+        _online_in_guest(root, ["apt-get", *options, "--quiet", "update"])
+        install = ["apt-get", *options, "--quiet", "--yes", "--no-install-recommends", "install"]
+        _online_in_guest(root, [*install, *packages])
+    finally:
+        policy.unlink()
+        shutil.rmtree(scratch)
+        resolv.unlink()
+        resolv.write_text(RESOLV_CONF)
+        resolv.chmod(0o644)
+
+
+def _online_in_guest(root: Path, argv: list[Arg]) -> str:
+    """Like `in_guest`, but sharing the host's network, for apt to reach the mirror."""
+    sandbox: list[Arg] = ["unshare", "--uts", "--mount", "--pid", "--fork"]
+    sandbox += [f"--mount-proc={root / 'proc'}", "chroot", root]
+    hint = f"installing into the sample root needs a reachable {MIRROR}"
+    return run([*sandbox, *argv], env=GUEST_ENV, hint=hint).stdout
+
+
+def label_root(root: Path) -> None:
+    """Give every file in `root` the label its own SELinux policy expects."""
+    # in_guest mounts /proc inside the root, and its labels are the kernel's.
+    in_guest(root, ["setfiles", "-e", "/proc", FILE_CONTEXTS, "/"])
+
+
+def verify_selinux_root(root: Path) -> None:
+    problems = [
+        what
+        for what, ok in (
+            ("no setfiles", (root / "usr/sbin/setfiles").is_file()),
+            (f"no {FILE_CONTEXTS}", (root / FILE_CONTEXTS.lstrip("/")).is_file()),
+            ("/etc/passwd has no SELinux label", bool(_label(root / "etc/passwd"))),
+            ("sources.list changed", (root / "etc/apt/sources.list").read_text() == SOURCES_LIST),
+        )
+        if not ok
+    ]
+    if problems:
+        raise CareenError(
+            f"the SELinux sample root {root} is incomplete: " + "; ".join(problems),
+            hint="run with --debug and read the apt and setfiles output above",
+        )
+
+
+def _label(path: Path) -> str:
+    try:
+        return os.getxattr(path, "security.selinux", follow_symlinks=False).decode()
+    except OSError:
+        return ""
 
 
 def _apt_problems(root: Path) -> list[str]:
