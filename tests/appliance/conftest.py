@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from integration.util import sh
@@ -24,6 +27,27 @@ def host_entries(ours: Path) -> set[str]:
         if str(ours) in line:
             found.add("loop " + re.sub(r"\s+", " ", line.strip()))
     return found
+
+
+@contextmanager
+def watching_host(ours: Path) -> Iterator[set[str]]:
+    """Collect, while the block runs, host mounts and loops naming `ours` that were new."""
+    already = host_entries(ours)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.3):
+            seen.update(host_entries(ours) - already)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        watcher.join()
+        seen.update(host_entries(ours) - already)
 
 
 def writable_by(path: Path, uid: int, gid: int) -> None:

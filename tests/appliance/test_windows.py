@@ -31,7 +31,7 @@ from careen.samples.windows import (
     windows_sample,
 )
 
-from .conftest import host_entries
+from .conftest import watching_host
 
 pytestmark = [pytest.mark.root, pytest.mark.images]
 
@@ -128,20 +128,20 @@ def _refit(work: Path, kind: WindowsKind, name: str, *args: str) -> Refit:
     sh("cp", "--sparse=always", windows_sample(kind), source)
     before = sha256(source)
     output = work / f"{name}.qcow2"
-    seen_before = host_entries(work)
-    proc = careen(
-        "refit",
-        source,
-        "-o",
-        output,
-        "--format",
-        "json",
-        *APPLIANCE,
-        *args,
-        tmpdir=work,
-        timeout=600,
-    )
-    return Refit(source, output, proc, before, host_entries(work) - seen_before)
+    with watching_host(work) as seen:
+        proc = careen(
+            "refit",
+            source,
+            "-o",
+            output,
+            "--format",
+            "json",
+            *APPLIANCE,
+            *args,
+            tmpdir=work,
+            timeout=600,
+        )
+    return Refit(source, output, proc, before, seen)
 
 
 @pytest.fixture(scope="module")
