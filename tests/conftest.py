@@ -15,6 +15,9 @@ import pytest
 # Reasons a test may be skipped even under CI: what this kind of host cannot provide.
 HOST_LACKS = ("no nbd", "no device-mapper", "no krbd", "no working KVM")
 
+# The session fixture `cloud` (a real Keystone and Glance), for any test that asks for it.
+pytest_plugins = ["services.fixtures"]
+
 
 def is_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -1,0 +1,53 @@
+"""The session fixture `cloud`: a real Keystone and Glance, started on first request.
+
+Registered for the whole suite from tests/conftest.py, so any test can ask for it; a run
+that asks for it pays the start once (Keystone and Glance with fresh databases), a run
+that does not pays nothing. While it lives, `OS_CLIENT_CONFIG_FILE` points at its
+clouds.yaml, so careen started from a test finds `--os-cloud careen-demo`, and the
+caller's own `OS_*` variables are out of the way.
+
+A missing or stale service venv skips (under CI that fails the run, by the suite's skip
+rule); a service that does not start is an error, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from .process import NotInstalled, group_alive, service_venv
+
+if TYPE_CHECKING:  # openstacksdk is imported only by a run that starts the cloud
+    from .cloud import Cloud
+
+
+def assert_stopped(pids: list[int]) -> None:
+    """Every service process, and every process of its group, is gone."""
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() or group_alive(pid)]
+    assert alive == [], f"service processes (or their groups) still alive: {alive}"
+
+
+@pytest.fixture(scope="session")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    """Keystone and Glance for the whole session (see `Cloud`). The session shares them:
+    a test deletes the images it makes."""
+    from .cloud import start_cloud
+
+    try:
+        service_venv("keystone")
+        service_venv("glance")
+    except NotInstalled as e:
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("cloud")
+    with pytest.MonkeyPatch.context() as env:
+        for name in [n for n in os.environ if n.startswith("OS_")]:
+            env.delenv(name)
+        with start_cloud(root) as started:
+            env.setenv("OS_CLIENT_CONFIG_FILE", str(started.clouds_yaml))
+            pids = started.pids
+            yield started
+    assert_stopped(pids)
