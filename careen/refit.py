@@ -151,7 +151,7 @@ def host_refusal(info: ImageInfo, parent: Path | None) -> str | None:
             return "it holds NTFS (Windows), which only the appliance mounts"
         refusals = []
         for fs in fss:
-            if fs.type not in host.LINUX_FILESYSTEMS:
+            if fs.type not in host.LINUX_FILESYSTEMS and not host.unreadable(fs):
                 continue
             try:
                 host.check_reachable(disk, fs)

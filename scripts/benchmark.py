@@ -1,23 +1,29 @@
-"""Benchmark careen against virt-customize and against a plain qemu-img copy.
+"""Benchmark careen's two backends against virt-customize and against a plain qemu-img copy.
 
 What is measured: the wall time of one whole command, from start to exit, on the
 mbr-qcow2 sample (a used Debian 12 whose apt sources point only at a repository inside
-the guest, so nothing needs the network). Two comparisons:
+the guest, so nothing needs the network). Each operation is timed in three columns:
+careen with the host backend (`--backend host`: loop devices, no VM), careen with the
+appliance backend (`--backend appliance`: a libguestfs VM, like virt-customize), and a
+baseline tool.
 
 1. refit: reset cloud-init state, clean the apt cache, install `tree`, in that order.
-   - careen: `careen -q refit COPY -o OUT --reset-cloud-init --clean-caches --install tree`
-     (writes a new qcow2), and the same with `--in-place` instead of `-o OUT`;
+   - careen: `careen -q refit COPY -o OUT --reset-cloud-init --clean-caches --install tree
+     --backend B` (writes a new qcow2), and the same with `--in-place` instead of `-o OUT`;
    - baseline virt-customize, which always works in place: `--run-command 'cloud-init
      clean --logs'`, `--delete` of the paths careen's reset removes besides (the instance
      link and the network identity of the first server), `--run-command` for `apt-get
      clean` and the package lists careen's clean removes, and `--install tree`, which runs
      the guest's own `apt-get update` and `apt-get install` against its file: repository.
-     `--no-network` is explicit: the repository is inside the guest, careen works offline
-     too, and the appliance boots faster without a network.
+     `--no-network` is explicit: the repository is inside the guest, careen's host backend
+     works offline too, and the appliance boots faster without a network. careen's
+     appliance cannot be told so: a recipe that installs gets the appliance's network
+     (checked before anything changes), which the comparison therefore includes.
 2. floor: careen with the built-in `empty` recipe (open, change nothing, write a new
    qcow2) against the baseline `qemu-img convert -O qcow2` of the same image followed by an
    fsync of the result. careen syncs its output before it exits, and qemu-img's convert
-   does not sync the data by default, so the fsync is part of the timed floor.
+   does not sync the data by default, so the fsync is part of the timed floor. Through
+   the appliance, this is the cost of a launch plus the copy.
 
 How: every single run gets its own fresh copy of the cached sample in a temporary
 directory under `${CAREEN_CACHE:-~/.cache/careen}/bench/` (the cache's disk, so a copy is
@@ -28,11 +34,13 @@ reverse order, so neither tool always follows the other. A run counts only if it
 written), otherwise the benchmark stops with the command's error. Each figure is the
 median over the rounds; ratios are of medians.
 
-virt-customize starts a libguestfs appliance: with `LIBGUESTFS_BACKEND` and
-`LIBGUESTFS_BACKEND_SETTINGS` unset, this script uses the direct backend with TCG
-(`force_tcg`), as nested KVM cannot boot a kernel on the machines careen is developed on.
-On a host where KVM works, set `LIBGUESTFS_BACKEND_SETTINGS=` (empty) to let libguestfs
-use it; the machine line says which was used. careen and qemu-img start no VM.
+virt-customize and careen's appliance start a libguestfs appliance: with
+`LIBGUESTFS_BACKEND` and `LIBGUESTFS_BACKEND_SETTINGS` unset, this script uses the direct
+backend with TCG (`force_tcg`) for virt-customize and `--accel tcg` for careen, as nested
+KVM cannot boot a kernel on the machines careen is developed on. On a host where KVM
+works, set `LIBGUESTFS_BACKEND_SETTINGS=` (empty) to let libguestfs use it (careen then
+gets `--accel auto`); the machine line says which was used. Both appliances keep
+libguestfs's default CPUs and memory. careen's host backend and qemu-img start no VM.
 
 Run as root: `python scripts/benchmark.py [--rounds N] [--json]`. Progress goes to
 stderr; the results go to stdout, as text or (with `--json`) as one JSON object.
@@ -53,6 +61,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from careen import __version__ as careen_version
@@ -74,11 +83,21 @@ class BenchError(Exception):
     """A run failed or the machine cannot run the benchmark."""
 
 
+class Column(StrEnum):
+    """Who does the work: a column of the results table."""
+
+    HOST = "careen host"
+    APPLIANCE = "careen appliance"
+    BASELINE = "baseline"
+
+
 @dataclass(frozen=True)
 class Case:
     """One way of doing the work: a command line built from the fresh copy and an output."""
 
     key: str
+    operation: str  # the row of the results table
+    column: Column
     argv: Callable[[Path, Path], list[str]]
     in_place: bool
     sync_output: bool = False
@@ -94,14 +113,41 @@ def careen_bin() -> str:
     return found
 
 
-def careen_refit(image: Path, out: Path) -> list[str]:
-    ops = ["--reset-cloud-init", "--clean-caches", "--install", PACKAGE]
-    return [careen_bin(), "-q", "refit", os.fspath(image), "-o", os.fspath(out), *ops]
+REFIT_OPS = ["--reset-cloud-init", "--clean-caches", "--install", PACKAGE]
 
 
-def careen_refit_in_place(image: Path, _out: Path) -> list[str]:
-    ops = ["--reset-cloud-init", "--clean-caches", "--install", PACKAGE]
-    return [careen_bin(), "-q", "refit", os.fspath(image), "--in-place", *ops]
+def host_backend() -> list[str]:
+    return ["--backend", "host"]
+
+
+def appliance_backend() -> list[str]:
+    """careen's appliance, accelerated the way virt-customize's is (see libguestfs_env)."""
+    settings = libguestfs_env()["LIBGUESTFS_BACKEND_SETTINGS"].split(":")
+    return ["--backend", "appliance", "--accel", "tcg" if "force_tcg" in settings else "auto"]
+
+
+def careen_refit(backend: Callable[[], list[str]]) -> Callable[[Path, Path], list[str]]:
+    def argv(image: Path, out: Path) -> list[str]:
+        dest = ["-o", os.fspath(out)]
+        return [careen_bin(), "-q", "refit", os.fspath(image), *dest, *REFIT_OPS, *backend()]
+
+    return argv
+
+
+def careen_refit_in_place(backend: Callable[[], list[str]]) -> Callable[[Path, Path], list[str]]:
+    def argv(image: Path, _out: Path) -> list[str]:
+        where = [os.fspath(image), "--in-place"]
+        return [careen_bin(), "-q", "refit", *where, *REFIT_OPS, *backend()]
+
+    return argv
+
+
+def careen_empty(backend: Callable[[], list[str]]) -> Callable[[Path, Path], list[str]]:
+    def argv(image: Path, out: Path) -> list[str]:
+        dest = ["-o", os.fspath(out)]
+        return [careen_bin(), "-q", "refit", os.fspath(image), *dest, "-r", "empty", *backend()]
+
+    return argv
 
 
 def virt_customize(image: Path, _out: Path) -> list[str]:
@@ -124,20 +170,55 @@ def virt_customize(image: Path, _out: Path) -> list[str]:
     ]
 
 
-def careen_empty(image: Path, out: Path) -> list[str]:
-    return [careen_bin(), "-q", "refit", os.fspath(image), "-o", os.fspath(out), "-r", "empty"]
-
-
 def qemu_img_convert(image: Path, out: Path) -> list[str]:
     return ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", os.fspath(image), os.fspath(out)]
 
 
+REFIT = f"refit (reset cloud-init, clean apt cache, install {PACKAGE}) to a new qcow2"
+REFIT_IN_PLACE = "the same refit in place"
+FLOOR = "floor: copy only (careen -r empty; qemu-img convert -O qcow2 + fsync)"
+OPERATIONS = (REFIT, REFIT_IN_PLACE, FLOOR)
+
 CASES = (
-    Case("careen", careen_refit, in_place=False),
-    Case("careen-in-place", careen_refit_in_place, in_place=True),
-    Case("virt-customize", virt_customize, in_place=True),
-    Case("careen-empty", careen_empty, in_place=False),
-    Case("qemu-img-convert", qemu_img_convert, in_place=False, sync_output=True),
+    Case("careen", REFIT, Column.HOST, careen_refit(host_backend), in_place=False),
+    Case(
+        "careen-appliance",
+        REFIT,
+        Column.APPLIANCE,
+        careen_refit(appliance_backend),
+        in_place=False,
+    ),
+    Case(
+        "careen-in-place",
+        REFIT_IN_PLACE,
+        Column.HOST,
+        careen_refit_in_place(host_backend),
+        in_place=True,
+    ),
+    Case(
+        "careen-appliance-in-place",
+        REFIT_IN_PLACE,
+        Column.APPLIANCE,
+        careen_refit_in_place(appliance_backend),
+        in_place=True,
+    ),
+    Case("virt-customize", REFIT_IN_PLACE, Column.BASELINE, virt_customize, in_place=True),
+    Case("careen-empty", FLOOR, Column.HOST, careen_empty(host_backend), in_place=False),
+    Case(
+        "careen-appliance-empty",
+        FLOOR,
+        Column.APPLIANCE,
+        careen_empty(appliance_backend),
+        in_place=False,
+    ),
+    Case(
+        "qemu-img-convert",
+        FLOOR,
+        Column.BASELINE,
+        qemu_img_convert,
+        in_place=False,
+        sync_output=True,
+    ),
 )
 
 
@@ -296,14 +377,40 @@ class Summary:
     ratios: dict[str, float]
 
 
+# Each ratio is of medians: (numerator, denominator) case keys.
+RATIOS = {
+    "virt-customize/careen": ("virt-customize", "careen"),
+    "virt-customize/careen-in-place": ("virt-customize", "careen-in-place"),
+    "virt-customize/careen-appliance-in-place": ("virt-customize", "careen-appliance-in-place"),
+    "careen-appliance/careen": ("careen-appliance", "careen"),
+    "careen-empty/qemu-img-convert": ("careen-empty", "qemu-img-convert"),
+    "careen-appliance-empty/qemu-img-convert": ("careen-appliance-empty", "qemu-img-convert"),
+}
+BASELINE_NAMES = {"virt-customize": "virt-customize", "qemu-img-convert": "qemu-img convert"}
+
+
 def summarize(times: dict[str, list[float]]) -> Summary:
     med = {key: statistics.median(values) for key, values in times.items()}
-    ratios = {
-        "virt-customize/careen": med["virt-customize"] / med["careen"],
-        "virt-customize/careen-in-place": med["virt-customize"] / med["careen-in-place"],
-        "careen-empty/qemu-img-convert": med["careen-empty"] / med["qemu-img-convert"],
-    }
+    ratios = {name: med[num] / med[den] for name, (num, den) in RATIOS.items()}
     return Summary(times, med, ratios)
+
+
+def results_table(med: dict[str, float]) -> list[str]:
+    """One row per operation, one column per backend and the baseline."""
+    rows = [["operation", *(str(column) for column in Column)]]
+    for operation in OPERATIONS:
+        cells = {column: "-" for column in Column}
+        for case in CASES:
+            if case.operation == operation:
+                name = BASELINE_NAMES.get(case.key, "")
+                cells[case.column] = f"{name} {med[case.key]:.2f} s".strip()
+        rows.append([operation, *(cells[column] for column in Column)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        padded = [cell.rjust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join([row[0].ljust(widths[0]), *padded[1:]]))
+    return lines
 
 
 def report_text(sample: Path, rounds: int, facts: dict[str, object], summary: Summary) -> str:
@@ -318,16 +425,18 @@ def report_text(sample: Path, rounds: int, facts: dict[str, object], summary: Su
             f"load {facts['load_average_1m']} at start; "
             f"qemu {facts['qemu']}; libguestfs {facts['libguestfs']} "
             f"(guestfs-tools {facts['guestfs_tools']}); careen {facts['careen']}",
-            f"virt-customize: {backend} backend, {facts['acceleration']}; "
-            "careen and qemu-img start no VM",
-            f"refit (reset cloud-init, clean apt cache, install {PACKAGE}): "
-            f"careen {med['careen']:.2f} s, careen --in-place {med['careen-in-place']:.2f} s; "
-            f"baseline virt-customize (in place) {med['virt-customize']:.2f} s; "
-            f"virt-customize/careen {ratio['virt-customize/careen']:.2f}x, "
-            f"in place {ratio['virt-customize/careen-in-place']:.2f}x",
-            f"floor (copy only): careen -r empty {med['careen-empty']:.2f} s; "
-            f"baseline qemu-img convert -O qcow2 + fsync {med['qemu-img-convert']:.2f} s; "
-            f"careen/qemu-img {ratio['careen-empty/qemu-img-convert']:.2f}x",
+            f"virt-customize and careen's appliance: {backend} backend, "
+            f"{facts['acceleration']}; careen's host backend and qemu-img start no VM",
+            "",
+            *results_table(med),
+            "",
+            f"virt-customize/careen host {ratio['virt-customize/careen']:.2f}x "
+            f"(in place {ratio['virt-customize/careen-in-place']:.2f}x); "
+            "virt-customize/careen appliance, both in place "
+            f"{ratio['virt-customize/careen-appliance-in-place']:.2f}x; "
+            f"careen appliance/host {ratio['careen-appliance/careen']:.2f}x",
+            f"floor: careen host/qemu-img {ratio['careen-empty/qemu-img-convert']:.2f}x, "
+            f"careen appliance/qemu-img {ratio['careen-appliance-empty/qemu-img-convert']:.2f}x",
         ]
     )
 

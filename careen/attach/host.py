@@ -187,6 +187,11 @@ def _assemble_lv(res: Resources, raw: Path, disk: Disk, fs: Filesystem) -> str:
     return device
 
 
+def unreadable(fs: Filesystem) -> bool:
+    """An LV whose contents this host cannot read (striped, thin...: no device-mapper)."""
+    return fs.lv is not None and fs.region is None and not dm.dm_available()
+
+
 def check_reachable(disk: Disk, fs: Filesystem) -> None:
     """Refuse early a filesystem this host cannot assemble."""
     if fs.region is None and fs.lv is not None and dm.dm_available():
@@ -256,7 +261,7 @@ def kill_processes_under(path: str) -> list[int]:
 
 def _candidates(disk: Disk) -> list[Filesystem]:
     """Filesystems that could be the root, most likely first."""
-    found = [fs for fs in disk.filesystems if fs.type in LINUX_FILESYSTEMS]
+    found = [fs for fs in disk.filesystems if fs.type in LINUX_FILESYSTEMS or unreadable(fs)]
 
     def rank(fs: Filesystem) -> tuple[int, int]:
         named_root = fs.lv is not None and fs.lv.name in ("root", "lv_root", "rootlv")
