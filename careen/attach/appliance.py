@@ -426,7 +426,7 @@ def _disk(g: Any, info: ImageInfo, root_dev: str) -> Disk:
             Partition(
                 int(p["part_num"]),
                 DiskRegion(int(p["part_start"]), int(p["part_size"])),
-                type=str(g.part_get_mbr_id(device, p["part_num"]))
+                type=f"{g.part_get_mbr_id(device, p['part_num']):x}"
                 if label == "msdos"
                 else g.part_get_gpt_type(device, p["part_num"]).lower(),
             )
@@ -436,6 +436,8 @@ def _disk(g: Any, info: ImageInfo, root_dev: str) -> Disk:
     found: list[Filesystem] = []
     root: Filesystem | None = None
     for dev, fstype in sorted(g.list_filesystems().items()):
+        if dev.startswith("/dev/mapper/") and fstype == "unknown":
+            continue  # device-mapper's own pieces: thin pools and their data and metadata
         uuid = label_ = None
         with contextlib.suppress(RuntimeError):
             uuid = g.vfs_uuid(dev) or None

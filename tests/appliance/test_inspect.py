@@ -113,6 +113,10 @@ def test_json_reports_the_same_guest(inspected: Inspected) -> None:
 def test_text_reports_the_same_guest(inspected: Inspected) -> None:
     host, app = tables(inspected.host_text), tables(inspected.appliance_text)
     assert app["Guest"] == host["Guest"]  # OS, package manager, cloud-init, root, ...
+    # Number, start, size and type (hex, as fdisk shows it) of each partition.
+    assert [r[:4] for r in app["Partition table (dos)"]] == [
+        r[:4] for r in host["Partition table (dos)"]
+    ]
     guest = dict(row[:2] for row in app["Guest"])
     assert guest["cloud-init"] == inspected.host_json["os"]["cloud_init"]
     assert guest["root"] == "LV centos/root"
