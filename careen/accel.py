@@ -170,3 +170,12 @@ def guestfs_settings(accel: Accel) -> list[str]:
     # libguestfs itself tries KVM and falls back only when qemu refuses it, which is
     # not enough where KVM is present but broken; forcing TCG avoids that.
     return ["force_tcg"] if accel is Accel.TCG else []
+
+
+def qemu_options(accel: Accel) -> list[str]:
+    """qemu-system arguments for an accelerator resolved by `resolve()`."""
+    if accel is Accel.AUTO:
+        raise ValueError("resolve() the accelerator first")
+    # Under KVM the guest sees the host's CPU; under TCG qemu's default model boots
+    # every x86-64 distribution and costs less to emulate than "max".
+    return ["-accel", "kvm", "-cpu", "host"] if accel is Accel.KVM else ["-accel", "tcg"]

@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,6 +38,7 @@ from careen.refit import (
     inspect_image,
     refit,
 )
+from careen.verify import command as verify_command
 
 log = logging.getLogger("careen")
 _LIST_LIMIT = 40
@@ -135,6 +137,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     ref.add_argument("--format", choices=("text", "json"), default="text")
     _add_backend_options(ref)
+    ref.add_argument(
+        "--verify",
+        action="store_true",
+        help="boot the output before publishing it, and refuse it unless cloud-init sets "
+        "its password and key (see careen verify)",
+    )
+    verify_command.add_parser(sub)
     clean = sub.add_parser("cleanup", help="undo what killed or crashed runs left behind")
     clean.add_argument("--dry-run", action="store_true", help="list what would be released")
     clean.add_argument("--format", choices=("text", "json"), default="text")
@@ -282,6 +291,9 @@ def _dispatch_run(args: argparse.Namespace) -> int:
         else:
             _print_result(result)
         return ExitCode.OK
+    if args.verb == "verify":
+        verify_command.run_verify(args, _console())
+        return ExitCode.OK
     raise UsageError(f"unknown verb {args.verb}")
 
 
@@ -302,6 +314,7 @@ def _refit_options(args: argparse.Namespace) -> RefitOptions:
         command_timeout=args.timeout,
         backend=Backend(args.backend),
         appliance=_appliance_options(args),
+        verify=partial(verify_command.verify_output, args, _console()) if args.verify else None,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from careen import journal, run
@@ -76,9 +77,15 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 
 
 def write_image(
-    image: Path, fmt: ImageFormat, dest: Path, out_fmt: ImageFormat, *, compress: bool
+    image: Path,
+    fmt: ImageFormat,
+    dest: Path,
+    out_fmt: ImageFormat,
+    *,
+    compress: bool,
+    check: Callable[[Path], None] | None = None,
 ) -> None:
-    """Convert `image` into `dest` atomically."""
+    """Convert `image` into `dest` atomically; `check` may refuse the written file first."""
     if compress and out_fmt is not ImageFormat.QCOW2:
         raise UsageError("only qcow2 output can be compressed", hint="drop -c or use qcow2")
     needed = measure(image, fmt, out_fmt)
@@ -92,6 +99,8 @@ def write_image(
         with step(f"Writing {dest} ({out_fmt}{', compressed' if compress else ''})"):
             run.run([*argv, image, tmp])
             _fsync_path(tmp)
+            if check is not None:
+                check(tmp)  # raising here removes the temporary file: nothing is published
             journal.checkpoint("written")
             tmp.rename(dest)
             _fsync_path(dest.parent, directory=True)

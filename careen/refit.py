@@ -74,6 +74,9 @@ class RefitOptions:
     command_timeout: float | None = 3600.0
     backend: Backend = Backend.AUTO
     appliance: ApplianceOptions = field(default_factory=ApplianceOptions)
+    # Checks the written output before it is published (boot verification); returns a
+    # note for the result, raises to refuse the output.
+    verify: Callable[[Path], str] | None = None
 
 
 @dataclass
@@ -286,6 +289,11 @@ def refit(opts: RefitOptions) -> RefitResult:
             "refit needs an output",
             hint="add -o FILE for a new image, or --in-place to change this one",
         )
+    if opts.in_place and opts.verify is not None:
+        raise UsageError(
+            "--verify needs -o: an in-place refit changes the image before it could be verified",
+            hint="refit into a new image with -o and --verify, or run careen verify afterwards",
+        )
     info = probe.probe_image(opts.source, backing_file=opts.backing_file, data_file=opts.data_file)
     if opts.output is not None:
         check_destination(opts.output, opts.source, force=opts.force)
@@ -321,8 +329,20 @@ def refit(opts: RefitOptions) -> RefitResult:
             _explain_full_disk(work, e)
             raise
         if opts.output is not None and not opts.in_place:
-            write_image(image, fmt, opts.output, opts.output_format, compress=opts.compress)
+            check = _output_check(opts.verify, result)
+            write_image(
+                image, fmt, opts.output, opts.output_format, compress=opts.compress, check=check
+            )
     return result
+
+
+def _output_check(
+    verify: Callable[[Path], str] | None, result: RefitResult
+) -> Callable[[Path], None] | None:
+    """Verify the written output before it is renamed into place; its note joins the result."""
+    if verify is None:
+        return None
+    return lambda path: result.notes.append(verify(path))
 
 
 def _needs_network(recipe: Recipe) -> bool:
