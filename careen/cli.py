@@ -29,6 +29,7 @@ from careen import __version__, interrupts, journal, linux, recipe, recover
 from careen.accel import Accel
 from careen.attach import host
 from careen.errors import CareenError, ExitCode, UsageError
+from careen.glance import command as glance_command
 from careen.image.model import Disk, ImageFormat, OSInfo, Segment
 from careen.refit import (
     ApplianceOptions,
@@ -137,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ref.add_argument("--format", choices=("text", "json"), default="text")
     _add_backend_options(ref)
+    glance_command.add_options(ref)
     ref.add_argument(
         "--verify",
         action="store_true",
@@ -284,6 +286,8 @@ def _dispatch_run(args: argparse.Namespace) -> int:
         else:
             _print_disk(disk)
         return ExitCode.OK
+    if args.verb == "refit" and glance_command.wanted(args):
+        return glance_command.run_refit(args, _refit_options, _jsonable, _print_result)
     if args.verb == "refit":
         result = refit(_refit_options(args))
         if args.format == "json":

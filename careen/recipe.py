@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -89,12 +89,21 @@ class Step:
 
 
 @dataclass(frozen=True)
+class PropertyChanges:
+    """Image properties a recipe sets and unsets on the new Glance image."""
+
+    set: dict[str, str] = field(default_factory=dict)
+    unset: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     steps: tuple[Step, ...]
     description: str = ""
     origin: str = ""  # "built-in", a file path, or "command line"
     extra: tuple[Step, ...] = field(default=(), repr=False)
+    properties: PropertyChanges | None = None  # Glance image properties, when publishing
 
     @property
     def all_steps(self) -> tuple[Step, ...]:
@@ -103,11 +112,14 @@ class Recipe:
     @property
     def digest(self) -> str:
         """A short digest of what the recipe does (for provenance and caching)."""
-        data = json.dumps([_plain(s) for s in self.all_steps], sort_keys=True, default=str)
+        plain: list[Any] = [_plain(s) for s in self.all_steps]
+        if self.properties:
+            plain.append(_plain(self.properties))
+        data = json.dumps(plain, sort_keys=True, default=str)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
     def with_steps(self, extra: tuple[Step, ...]) -> Recipe:
-        return Recipe(self.name, self.steps, self.description, self.origin, self.extra + extra)
+        return replace(self, extra=self.extra + extra)
 
 
 def _plain(obj: object) -> Any:
@@ -166,24 +178,42 @@ def parse(text: str, *, origin: str = "recipe", base: Path | None = None) -> Rec
     if root is None:
         raise UsageError(f"{origin}: the recipe is empty", "give it a `steps:` list")
     top = _mapping(root, _Where(origin, root))
-    known = {"name", "description", "steps"}
+    known = {"name", "description", "steps", "properties"}
     for key, (knode, _) in top.items():
         if key not in known:
             raise _Where(origin, knode).fail(f"unknown field {key!r} (expected {sorted(known)})")
     name = _string(top["name"][1], _Where(origin, root)) if "name" in top else Path(origin).stem
     desc = _string(top["description"][1], _Where(origin, root)) if "description" in top else ""
+    props = _properties(top["properties"][1], origin) if "properties" in top else None
     if "steps" not in top:
         raise _Where(origin, root).fail("the recipe has no `steps:` list")
     steps_node = top["steps"][1]
     if not isinstance(steps_node, yaml.SequenceNode):
         if isinstance(steps_node, yaml.ScalarNode) and steps_node.value in ("", "null", "~"):
-            return Recipe(name, (), desc, origin)
+            return Recipe(name, (), desc, origin, properties=props)
         raise _Where(origin, steps_node).fail("`steps` must be a list")
     steps = tuple(
         parse_step(node, _Where(origin, node, i + 1), base or Path.cwd())
         for i, node in enumerate(steps_node.value)
     )
-    return Recipe(name, steps, desc, origin)
+    return Recipe(name, steps, desc, origin, properties=props)
+
+
+def _properties(node: yaml.Node, origin: str) -> PropertyChanges:
+    """`properties: {set: {KEY: VALUE}, unset: [KEY]}`, applied when publishing to Glance."""
+    where = _Where(origin, node)
+    f = _fields(node, where, {"set", "unset"}, set())
+    values: dict[str, str] = {}
+    if "set" in f:
+        for knode, vnode in _mapping(f["set"], _Where(origin, f["set"])).values():
+            values[str(knode.value)] = _string(vnode, _Where(origin, vnode), "a property value")
+    unset: tuple[str, ...] = ()
+    if "unset" in f:
+        items = f["unset"].value if isinstance(f["unset"], yaml.SequenceNode) else [f["unset"]]
+        unset = tuple(_string(n, _Where(origin, n), "a property name") for n in items)
+    if both := set(values) & set(unset):
+        raise where.fail(f"properties both set and unset: {sorted(both)}")
+    return PropertyChanges(values, unset)
 
 
 def _mapping(node: yaml.Node, where: _Where) -> dict[str, tuple[yaml.Node, yaml.Node]]:

@@ -166,6 +166,15 @@ def _release_nbd(entry: dict[str, Any], same_boot: bool) -> str | None:
     return f"disconnected {device}"
 
 
+def _release_glance_image(entry: dict[str, Any], same_boot: bool) -> str | None:
+    from careen.glance.publish import release_journaled  # openstacksdk only when needed
+
+    try:
+        return release_journaled(entry, same_boot)
+    except CareenError as e:
+        raise OSError(e.message) from e
+
+
 RELEASERS: dict[str, Callable[[dict[str, Any], bool], str | None]] = {
     "mount": _release_mount,
     "daemon": _release_daemon,
@@ -173,6 +182,7 @@ RELEASERS: dict[str, Callable[[dict[str, Any], bool], str | None]] = {
     "dir": _release_dir,
     "dm": _release_dm,
     "nbd": _release_nbd,
+    "glance-image": _release_glance_image,
 }
 
 
