@@ -90,25 +90,38 @@ class RefitResult:
 
 
 @contextmanager
-def workdir(parent: Path | None) -> Iterator[Path]:
-    """A private directory for the overlay and mount points, removed afterwards."""
+def workdir(
+    parent: Path | None,
+    *,
+    prefix: str = "careen-",
+    what: str = "work directory",
+    clear: bool = False,
+) -> Iterator[Path]:
+    """A private directory for the overlay and mount points, removed afterwards.
+
+    Only empty mount points may be left in it unless `clear`: anything else means a
+    mount is still there, and must not be deleted through.
+    """
     base = parent or Path(tempfile.gettempdir())
     with critical():  # journaled before Ctrl-C can strike
         try:
-            path = Path(tempfile.mkdtemp(prefix="careen-", dir=base))
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
         except OSError as e:
             raise CareenError(
                 f"cannot make a work directory in {base}: {e.strerror}",
                 hint="give --workdir an existing directory you can write to",
             ) from e
-        handle = journal.record("dir", path=str(path), what="work directory")
+        handle = journal.record("dir", path=str(path), what=what)
     try:
         yield path
     finally:
-        for leftover in ("root", "probe"):
-            with suppress(FileNotFoundError):
-                (path / leftover).rmdir()
-        path.rmdir()
+        if clear:
+            shutil.rmtree(path)  # on failure it stays journaled, for `careen cleanup`
+        else:
+            for leftover in ("root", "probe"):
+                with suppress(FileNotFoundError):
+                    (path / leftover).rmdir()
+            path.rmdir()
         handle.done()
 
 

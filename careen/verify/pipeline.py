@@ -19,8 +19,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +27,7 @@ from careen.attach import export
 from careen.cleanup import Resources
 from careen.errors import CareenError, UsageError
 from careen.image import probe
-from careen.interrupts import critical
-from careen.refit import ApplianceOptions, Backend
+from careen.refit import ApplianceOptions, Backend, workdir
 from careen.verify import boot, guestcheck, seed, stages
 from careen.verify.console import Console
 
@@ -151,7 +148,9 @@ def verify_image(opts: VerifyOptions) -> VerifyResult:
             facts.default_user,
         )
         accelerator = accel.resolve(opts.accel)  # only now: the KVM probe starts a qemu
-        work = res.enter_context(_private_dir(opts.workdir))
+        work = res.enter_context(
+            workdir(opts.workdir, prefix="careen-verify-", what="verify work directory", clear=True)
+        )
         key = seed.make_key(work)
         md = seed.new_metadata(facts.default_user, key.public)
         overlay = res.enter_context(export.overlay(info, work / "disk.qcow2"))
@@ -200,31 +199,6 @@ def _boot_and_check(
         console = Console(vm.serial, serial_log, alive=vm.alive)
         session = stages.Session(console, md, key, config.ssh_port, opts.stage_timeout)
         return stages.run_stages(session)
-
-
-@contextmanager
-def _private_dir(parent: Path | None) -> Iterator[Path]:
-    """A 0700 work directory, journaled and removed with everything in it."""
-    base = parent or Path(tempfile.gettempdir())
-    with critical():
-        try:
-            path = Path(tempfile.mkdtemp(prefix="careen-verify-", dir=base))
-        except OSError as e:
-            raise CareenError(
-                f"cannot make a work directory in {base}: {e.strerror}",
-                hint="give --workdir an existing directory you can write to",
-            ) from e
-        handle = journal.record("dir", path=str(path), what="verify work directory")
-    try:
-        yield path
-    finally:
-        try:
-            shutil.rmtree(path)
-        except OSError as e:
-            # It stays in the journal, for `careen cleanup`.
-            log.error("could not remove the work directory %s: %s", path, e)
-        else:
-            handle.done()
 
 
 def _keep_log(log_path: Path, wanted: Path | None, passed: bool) -> Path | None:
