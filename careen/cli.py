@@ -146,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
         "its password and key (see careen verify)",
     )
     verify_command.add_parser(sub)
+    glance_command.add_publish_parser(sub)
     clean = sub.add_parser("cleanup", help="undo what killed or crashed runs left behind")
     clean.add_argument("--dry-run", action="store_true", help="list what would be released")
     clean.add_argument("--format", choices=("text", "json"), default="text")
@@ -246,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "cleanup":
         return _cleanup(args)
-    if Backend(args.backend) is Backend.HOST:
+    if Backend(getattr(args, "backend", "auto")) is Backend.HOST:
         host.require_root(args.verb)  # before anything is written to the state directory
     with journal.run_journal():
         return _dispatch_run(args)
@@ -295,6 +296,8 @@ def _dispatch_run(args: argparse.Namespace) -> int:
         else:
             _print_result(result)
         return ExitCode.OK
+    if args.verb == "publish":
+        return glance_command.run_publish(args, _jsonable)
     if args.verb == "verify":
         verify_command.run_verify(args, _console())
         return ExitCode.OK

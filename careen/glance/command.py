@@ -29,8 +29,9 @@ from careen.glance.cloud import Cloud, connect
 from careen.image import probe
 from careen.image.model import ImageFormat
 from careen.log import step
-from careen.output import check_destination
-from careen.recipe import PropertyChanges
+from careen.output import check_destination, write_image
+from careen.recipe import PropertyChanges, Recipe
+from careen.recipe import load as load_recipe
 from careen.refit import RefitOptions, RefitResult, refit, workdir
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,34 @@ PUBLISH_FORMATS = ("qcow2", "raw")
 
 def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Glance (IMAGE as glance:ID or glance:NAME; -o glance:[NAME])")
+    _add_publish_options(g)
+
+
+def add_publish_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="publish a refitted image file to Glance with the metadata of an existing image",
+    )
+    p.add_argument("file", type=Path, help="the refitted image (qcow2 or raw)")
+    p.add_argument(
+        "--like",
+        required=True,
+        metavar="glance:ID",
+        help="the image whose metadata the new one takes, and which --retire retires",
+    )
+    p.add_argument("--name", help="the new image's name (default: the --like image's)")
+    p.add_argument(
+        "-r",
+        "--recipe",
+        help="the recipe the file was refitted with: its properties apply, and its name "
+        "and digest are recorded (its steps are not run)",
+    )
+    p.add_argument("--workdir", type=Path, help="where a format conversion is written")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    _add_publish_options(p.add_argument_group("Glance"))
+
+
+def _add_publish_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--os-cloud", metavar="NAME", help="the cloud in clouds.yaml (or OS_CLOUD)")
     g.add_argument(
         "--disk-format", choices=PUBLISH_FORMATS, help="publish in this format (default: source's)"
@@ -85,8 +114,8 @@ class GlanceResult:
 def _check_args(args: argparse.Namespace, publishing: bool) -> None:
     if not source.is_ref(str(args.image)):
         raise UsageError(
-            "publishing a local file to Glance is not supported yet",
-            hint="refit from glance:ID, or write a file with -o FILE and upload it",
+            "refit publishes to Glance only what it refits from Glance",
+            hint="refit into a file, then: careen publish FILE --like glance:ID",
         )
     if args.in_place:
         raise UsageError(
@@ -109,6 +138,10 @@ def _check_args(args: argparse.Namespace, publishing: bool) -> None:
             f"{', '.join(used)} only apply when publishing",
             hint="use -o glance: to publish the result as a new Glance image",
         )
+    _check_retire_args(args)
+
+
+def _check_retire_args(args: argparse.Namespace) -> None:
     if args.take_name and args.retire in ("keep",):
         raise UsageError(
             "--take-name needs --retire (rename, hide, deactivate or delete)",
@@ -132,20 +165,30 @@ def run_refit(
     cloud = connect(args.os_cloud)
     try:
         src = source.find_image(cloud, source.ref_value(str(args.image)))
-        source.check_refittable(cloud, src, may_publicize=cloud.is_admin)
+        source.check_refittable(src, may_publicize=cloud.is_admin)
         out_fmt = _output_format(args, src, publishing)
         parent = _work_parent(args, publishing)
         source.check_space(parent, src)
-        plan = _plan(cloud, src, args, opts, out_fmt) if publishing else None
-        if publishing and args.store:
-            publish.check_store(cloud, args.store)
-        if publishing and args.use_import and "glance-direct" not in publish.import_methods(cloud):
-            raise CareenError(
-                "the cloud does not offer the glance-direct import",
-                hint="drop --import to upload with a plain PUT",
-            )
+        name = source.ref_value(str(args.output)) or None
+        plan = _plan(cloud, src, name, opts.recipe, out_fmt) if publishing else None
+        if publishing:
+            _check_upload_path(cloud, args)
         if args.dry_run:
-            _print_plan(args, src, plan, out_fmt)
+            recipe_name = opts.recipe.name
+            data = {
+                "download": {
+                    "id": src.id,
+                    "name": src.name,
+                    "disk_format": src.image["disk_format"],
+                    "size": src.size,
+                },
+                "recipe": recipe_name,
+            }
+            lines = [
+                f"Would download image {src.label()}: {src.image['disk_format']}, {src.size} bytes",
+                f"Would refit it with recipe {recipe_name}",
+            ]
+            _print_plan(args, data, plan, out_fmt, lines)
             return ExitCode.OK
         result, glance = _refit_and_publish(cloud, src, args, opts, out_fmt, plan)
     finally:
@@ -158,6 +201,66 @@ def run_refit(
     return ExitCode.OK
 
 
+def run_publish(args: argparse.Namespace, jsonable: Callable[[object], Any]) -> int:
+    """`careen publish FILE --like glance:ID`: the publishing half of a Glance refit."""
+    if not source.is_ref(str(args.like)):
+        raise UsageError(
+            f"--like takes a Glance image, not {args.like!r}",
+            hint="write --like glance:ID or --like glance:NAME",
+        )
+    _check_retire_args(args)
+    path = Path(args.file).absolute()
+    info = probe.probe_image(path)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    cloud = connect(args.os_cloud)
+    try:
+        src = source.find_image(cloud, source.ref_value(str(args.like)))
+        source.check_template(src, may_publicize=cloud.is_admin)
+        fmt = _publish_format(args.disk_format or str(src.image.get("disk_format")))
+        plan = _plan(cloud, src, args.name, recipe, fmt, virtual=info.virtual_size)
+        if recipe is None:
+            plan.notes.append(
+                "no recipe named (-r): the new image records none (careen_recipe unset)"
+            )
+        _check_upload_path(cloud, args)
+        if args.dry_run:
+            data = {"file": {"path": str(path), "format": info.format.value}}
+            converting = f", converted to {fmt}" if info.format.value != fmt else ""
+            lines = [f"Would publish {path} ({info.format.value}{converting})"]
+            _print_plan(args, data, plan, fmt, lines)
+            return ExitCode.OK
+        glance = GlanceResult(source={"id": src.id, "name": src.name})
+        with ExitStack() as stack:
+            new = _queued(stack, cloud, plan)
+            if info.format.value != fmt:
+                work = stack.enter_context(workdir(args.workdir, what="conversion directory"))
+                data_path = stack.enter_context(
+                    _work_file(work / f"converted.{fmt}", "converted image")
+                )
+                with step(f"Converting {path.name} from {info.format.value} to {fmt}"):
+                    write_image(path, info.format, data_path, ImageFormat(fmt), compress=False)
+            else:
+                data_path = path
+            _publish(cloud, src, plan, new, data_path, fmt, args, glance)
+        _retire(cloud, src, args, glance, new.id)
+    finally:
+        cloud.close()
+    if args.format == "json":
+        print(json.dumps({"file": str(path), "glance": jsonable(glance)}, indent=2))
+    else:
+        _print_glance(glance)
+    return ExitCode.OK
+
+
+def _publish_format(fmt: str) -> str:
+    if fmt not in PUBLISH_FORMATS:
+        raise UsageError(
+            f"careen cannot write {fmt} for the new image",
+            hint="add --disk-format qcow2 or --disk-format raw",
+        )
+    return fmt
+
+
 def _work_parent(args: argparse.Namespace, publishing: bool) -> Path:
     # The download, overlay and output go beside -o FILE, or under $TMPDIR when publishing.
     if args.workdir:
@@ -168,36 +271,34 @@ def _work_parent(args: argparse.Namespace, publishing: bool) -> Path:
 def _output_format(args: argparse.Namespace, src: source.SourceImage, publishing: bool) -> str:
     if not publishing:
         return str(args.output_format)
-    fmt = args.disk_format or str(src.image["disk_format"])
-    if fmt not in PUBLISH_FORMATS:
-        raise UsageError(
-            f"careen cannot write {fmt} for the new image",
-            hint="add --disk-format qcow2 or --disk-format raw",
-        )
-    return str(fmt)
+    return _publish_format(args.disk_format or str(src.image["disk_format"]))
 
 
 def _plan(
-    cloud: Cloud, src: source.SourceImage, args: argparse.Namespace, opts: RefitOptions, fmt: str
+    cloud: Cloud,
+    src: source.SourceImage,
+    name: str | None,
+    recipe: Recipe | None,
+    fmt: str,
+    virtual: int | None = None,
 ) -> metadata.Plan:
-    name = source.ref_value(str(args.output)) or None
-    recipe = opts.recipe
-    provenance = {
-        "careen_source_image": src.id,
-        "careen_recipe": recipe.name,
-        "careen_recipe_digest": recipe.digest,
+    provenance = {"careen_source_image": src.id}
+    if recipe is not None:  # a published file's recipe is known only when named
+        provenance |= {"careen_recipe": recipe.name, "careen_recipe_digest": recipe.digest}
+    provenance |= {
         "careen_version": __version__,
         "careen_refitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    changes = recipe.properties or PropertyChanges()
+    changes = (recipe.properties if recipe else None) or PropertyChanges()
     for key in [*changes.set, *changes.unset]:
         metadata.check_key(key)
-    virtual = src.image.get("virtual_size")
+    if virtual is None and src.image.get("virtual_size"):
+        virtual = int(src.image["virtual_size"])
     plan = metadata.new_image_body(
         src.image,
         name=name,
         disk_format=fmt,
-        virtual_size=int(virtual) if virtual else None,
+        virtual_size=virtual,
         caller_project=cloud.project_id,
         may_set_owner=cloud.is_admin,
         changes=changes,
@@ -255,10 +356,7 @@ def _refit_and_publish(
     parent = _work_parent(args, plan is not None)
     with ExitStack() as stack:
         work = stack.enter_context(workdir(parent))
-        new = None
-        if plan is not None:
-            with step("Creating the new image (queued until its data is uploaded)"):
-                new = stack.enter_context(publish.queued_image(cloud, plan.body))
+        new = _queued(stack, cloud, plan) if plan is not None else None
         local = stack.enter_context(
             _work_file(work / f"source.{src.image['disk_format']}", "downloaded Glance image")
         )
@@ -281,60 +379,91 @@ def _refit_and_publish(
                 compress=False,
             )
         )
-        journal.checkpoint("glance-upload")
-        size = out.stat().st_size
-        with ExitStack() as bar, step(f"Uploading the new image {new_id} ({size >> 20} MiB)"):
-            digests = publish.upload(
-                cloud,
-                new_id,
-                out,
-                use_import=args.use_import,
-                store=args.store,
-                progress=_progress("upload", size, bar),
-            )
-        image = publish.wait_active(cloud, new_id)
-        algo, value = publish.check_hashes(image, out, digests)
-        members = publish.members_of(cloud, src)
-        notes, pending = publish.finish(cloud, new_id, protected=plan.protected, members=members)
-        glance.notes += plan.notes + notes
-        if pending:
-            glance.notes.append(
-                f"members re-added, pending until they accept: {', '.join(pending)}"
-            )
         result.output = None
-        glance.new_image = {
-            "id": new_id,
-            "name": plan.body["name"],
-            "disk_format": out_fmt,
-            "visibility": plan.body["visibility"],
-            "os_hash_algo": algo,
-            "os_hash_value": value,
-            "members_pending": pending,
-        }
-        new.keep()
+        _publish(cloud, src, plan, new, out, out_fmt, args, glance)
+    _retire(cloud, src, args, glance, new_id)
+    return result, glance
+
+
+def _queued(stack: ExitStack, cloud: Cloud, plan: metadata.Plan) -> publish.NewImage:
+    with step("Creating the new image (queued until its data is uploaded)"):
+        return stack.enter_context(publish.queued_image(cloud, plan.body))
+
+
+def _check_upload_path(cloud: Cloud, args: argparse.Namespace) -> None:
+    if args.store:
+        publish.check_store(cloud, args.store)
+    if args.use_import and "glance-direct" not in publish.import_methods(cloud):
+        raise CareenError(
+            "the cloud does not offer the glance-direct import",
+            hint="drop --import to upload with a plain PUT",
+        )
+
+
+def _publish(
+    cloud: Cloud,
+    src: source.SourceImage,
+    plan: metadata.Plan,
+    new: publish.NewImage,
+    path: Path,
+    fmt: str,
+    args: argparse.Namespace,
+    glance: GlanceResult,
+) -> None:
+    """Upload `path` into the queued image, check it, finish it: it is then published."""
+    journal.checkpoint("glance-upload")
+    size = path.stat().st_size
+    with ExitStack() as bar, step(f"Uploading the new image {new.id} ({size >> 20} MiB)"):
+        digests = publish.upload(
+            cloud,
+            new.id,
+            path,
+            use_import=args.use_import,
+            store=args.store,
+            progress=_progress("upload", size, bar),
+        )
+    image = publish.wait_active(cloud, new.id)
+    algo, value = publish.check_hashes(image, path, digests)
+    members = publish.members_of(cloud, src)
+    notes, pending = publish.finish(cloud, new.id, protected=plan.protected, members=members)
+    glance.notes += plan.notes + notes
+    if pending:
+        glance.notes.append(f"members re-added, pending until they accept: {', '.join(pending)}")
+    glance.new_image = {
+        "id": new.id,
+        "name": plan.body["name"],
+        "disk_format": fmt,
+        "visibility": plan.body["visibility"],
+        "os_hash_algo": algo,
+        "os_hash_value": value,
+        "members_pending": pending,
+    }
+    new.keep()
+
+
+def _retire(
+    cloud: Cloud,
+    src: source.SourceImage,
+    args: argparse.Namespace,
+    glance: GlanceResult,
+    new_id: str,
+) -> None:
+    """Only once the new image is active and checked: retire the old one, as asked."""
     glance.retired = publish.retire(cloud, src, publish.Retire(args.retire), args.retire_suffix)
-    if args.take_name and src.name:
+    if args.take_name and src.name and glance.new_image is not None:
         publish.take_name(cloud, new_id, src.name)
         glance.new_image["name"] = src.name
-    return result, glance
 
 
 def _print_plan(
     args: argparse.Namespace,
-    src: source.SourceImage,
+    data: dict[str, Any],
     plan: metadata.Plan | None,
     out_fmt: str,
+    lines: list[str],
 ) -> None:
-    data: dict[str, Any] = {
-        "dry_run": True,
-        "download": {
-            "id": src.id,
-            "name": src.name,
-            "disk_format": src.image["disk_format"],
-            "size": src.size,
-        },
-        "recipe": getattr(args, "recipe", None) or "cloud-init-refresh",
-    }
+    """Print what would be done: `data` and `lines` say where the data comes from."""
+    data["dry_run"] = True
     if plan is None:
         data["output"] = str(args.output)
     else:
@@ -348,8 +477,8 @@ def _print_plan(
     if args.format == "json":
         print(json.dumps(data, indent=2, default=str))
         return
-    print(f"Would download image {src.label()}: {src.image['disk_format']}, {src.size} bytes")
-    print(f"Would refit it with recipe {data['recipe']}")
+    for line in lines:
+        print(line)
     if plan is None:
         print(f"Would write {args.output} ({out_fmt})")
         return

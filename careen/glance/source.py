@@ -111,7 +111,7 @@ def find_image(cloud: Cloud, ref: str) -> SourceImage:
     return SourceImage(next(iter(found.values())))
 
 
-def check_refittable(cloud: Cloud, src: SourceImage, *, may_publicize: bool) -> None:
+def check_refittable(src: SourceImage, *, may_publicize: bool) -> None:
     """Refuse, before any download, an image careen cannot refit or republish."""
     img = src.image
     status = img.get("status")
@@ -120,28 +120,34 @@ def check_refittable(cloud: Cloud, src: SourceImage, *, may_publicize: bool) -> 
             f"image {src.label()} is {status}, not active: there is no data to refit",
             hint="reactivate it (openstack image set --activate) or wait until it is active",
         )
-    if is_encrypted(img):
-        raise CareenError(
-            f"image {src.label()} is encrypted (cinder_encryption_key_*); careen does not "
-            "refit encrypted images",
-            hint="decrypt a copy first",
-        )
     fmt = img.get("disk_format")
     if fmt not in FORMATS:
         raise CareenError(
             f"image {src.label()} has disk_format {fmt!r}, which careen cannot refit",
             hint=f"careen reads {', '.join(FORMATS)}",
         )
+    if not src.size:
+        raise CareenError(
+            f"image {src.label()} has no size: it holds no data (a volume-backed snapshot?)",
+            hint="refit the volume's image instead",
+        )
+    check_template(src, may_publicize=may_publicize)
+
+
+def check_template(src: SourceImage, *, may_publicize: bool) -> None:
+    """Refuse an image whose metadata a new image of refitted data cannot take."""
+    img = src.image
+    if is_encrypted(img):
+        raise CareenError(
+            f"image {src.label()} is encrypted (cinder_encryption_key_*); careen does not "
+            "refit encrypted images",
+            hint="decrypt a copy first",
+        )
     container = img.get("container_format")
     if container not in ("bare", None):
         raise CareenError(
             f"image {src.label()} has container_format {container!r}; careen refits bare disks",
             hint="unpack the disk and upload it as a bare image first",
-        )
-    if not src.size:
-        raise CareenError(
-            f"image {src.label()} has no size: it holds no data (a volume-backed snapshot?)",
-            hint="refit the volume's image instead",
         )
     if img.get("visibility") == "public" and not may_publicize:
         raise CareenError(

@@ -93,9 +93,11 @@ def tag() -> str:
 def run_careen(tmp_path: Path) -> Iterator[Any]:
     state = tmp_path / "state"
 
-    def run(*args: str, cloud_name: str = "careen-demo", timeout: float = 400) -> Any:
+    def run(
+        *args: str, cloud_name: str = "careen-demo", timeout: float = 400, verb: str = "refit"
+    ) -> Any:
         return careen(
-            "refit",
+            verb,
             *args,
             "--os-cloud",
             cloud_name,

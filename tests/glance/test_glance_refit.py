@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from integration.util import assert_fails
+from integration.verify import mounted_root
 from services.cloud import Cloud
 
 from .conftest import delete_everywhere, download, listed, make_image, sha512_file, show
@@ -66,6 +67,7 @@ def source(cloud: Cloud, sample_qcow2: Path, tag: str) -> Iterator[dict[str, Any
         visibility="shared",
         min_ram=512,
         min_disk=3,
+        os_hidden=True,
         tags=[tag, "golden"],
         **KEPT,
         **DROPPED,
@@ -78,6 +80,12 @@ def source(cloud: Cloud, sample_qcow2: Path, tag: str) -> Iterator[dict[str, Any
     )
     assert r.status_code == 200, r.text
     r = images.post(f"/images/{img['id']}/members", json={"member": "partner-project-id"})
+    assert r.status_code == 200, r.text
+    r = images.patch(
+        f"/images/{img['id']}",
+        json=[{"op": "replace", "path": "/protected", "value": True}],
+        headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+    )
     assert r.status_code == 200, r.text
     yield show(images, img["id"])
     delete_everywhere(cloud, tag=tag)
@@ -100,6 +108,14 @@ def test_publish_copies_metadata_and_keeps_the_old_image(
     assert (new["os_hash_algo"], new["os_hash_value"]) == ("sha512", sha512_file(data))
     assert out["glance"]["new_image"]["os_hash_value"] == new["os_hash_value"]
     assert new["os_hash_value"] != source["os_hash_value"]  # the recipe changed the data
+    # The recipe's effects, read by mount(8) from the data Glance serves.
+    with mounted_root(tmp_path / "before") as root:
+        assert (root / "etc/machine-id").read_text().strip() != ""
+        assert list((root / "etc/ssh").glob("ssh_host_*_key")) != []
+    with mounted_root(data) as root:
+        assert (root / "etc/machine-id").read_text() == ""
+        assert list((root / "etc/ssh").glob("ssh_host_*")) == []
+        assert not (root / "var/lib/cloud/instance").exists()
 
     assert new["name"] == tag
     assert new["disk_format"] == "qcow2"
@@ -109,8 +125,8 @@ def test_publish_copies_metadata_and_keeps_the_old_image(
     assert new["min_ram"] == 512
     assert new["min_disk"] == 3
     assert sorted(new["tags"]) == sorted([tag, "golden"])
-    assert new["protected"] is False
-    assert new["os_hidden"] is False
+    assert new["protected"] is True
+    assert new["os_hidden"] is True
     for key, value in KEPT.items():
         assert new[key] == value, key
     for key in [*DROPPED, *SIGNATURE]:
