@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from careen import journal
 from careen.errors import CareenError, UsageError
 from careen.glance.cloud import Cloud, GlanceError, stream
 from careen.glance.metadata import is_encrypted
@@ -198,6 +199,8 @@ def download(cloud: Cloud, src: SourceImage, dest: Path, progress: Progress | No
             for h, _ in hashers.values():
                 h.update(chunk)
             _write_sparse(fd, chunk, done)
+            if not done:
+                journal.checkpoint("glance-download")
             done += len(chunk)
             if progress:
                 progress(done)

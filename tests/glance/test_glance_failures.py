@@ -35,12 +35,14 @@ pytestmark = [
 RECIPE = ["-r", "reset-identity", "--backend", "host"]
 
 
-def _paused(tmp_path: Path, source_id: str, tag: str) -> tuple[subprocess.Popen[str], Path]:
+def _paused(
+    tmp_path: Path, source_id: str, tag: str, stage: str
+) -> tuple[subprocess.Popen[str], Path]:
     marker = tmp_path / "paused"
     env = {
         **careen_env(tmp_path),
         "CAREEN_STATE_DIR": str(tmp_path / "state"),
-        "CAREEN_TEST_PAUSE": "glance-upload",
+        "CAREEN_TEST_PAUSE": stage,
         "CAREEN_TEST_PAUSE_FILE": str(marker),
     }
     argv = [str(CAREEN), "refit", f"glance:{source_id}", "-o", f"glance:{tag}-new", *RECIPE]
@@ -61,13 +63,16 @@ def _paused(tmp_path: Path, source_id: str, tag: str) -> tuple[subprocess.Popen[
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("how", ["interrupt", "kill"])
+@pytest.mark.parametrize(
+    ("stage", "how"),
+    [("glance-download", "interrupt"), ("glance-upload", "interrupt"), ("glance-upload", "kill")],
+)
 def test_a_stopped_publish_leaves_no_image(
-    cloud: Cloud, sample_qcow2: Path, tmp_path: Path, tag: str, how: str
+    cloud: Cloud, sample_qcow2: Path, tmp_path: Path, tag: str, stage: str, how: str
 ) -> None:
     src = make_image(cloud.demo_images, sample_qcow2, name=tag, disk_format="qcow2", tags=[tag])
     try:
-        proc, _ = _paused(tmp_path, src["id"], tag)
+        proc, _ = _paused(tmp_path, src["id"], tag, stage)
         queued = listed(cloud, name=f"{tag}-new")
         assert [i["status"] for i in queued] == ["queued"]
         assert queued[0]["careen_run"]
