@@ -188,7 +188,10 @@ def _appliance_options(args: argparse.Namespace) -> ApplianceOptions:
     for name in ("smp", "memsize"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise UsageError(f"--{name} must be a positive number")
+            raise UsageError(
+                f"--{name} must be a positive number",
+                hint=f"give --{name} 1 or more, or leave it out for the default",
+            )
     return ApplianceOptions(Accel(args.accel), args.smp, args.memsize, args.force_ntfs)
 
 
@@ -301,12 +304,15 @@ def _dispatch_run(args: argparse.Namespace) -> int:
     if args.verb == "verify":
         verify_command.run_verify(args, _console())
         return ExitCode.OK
-    raise UsageError(f"unknown verb {args.verb}")
+    raise UsageError(f"unknown verb {args.verb}", hint="see careen --help")
 
 
 def _refit_options(args: argparse.Namespace) -> RefitOptions:
     if args.in_place and args.output:
-        raise UsageError("--in-place and -o exclude each other")
+        raise UsageError(
+            "--in-place and -o exclude each other",
+            hint="drop -o to change IMAGE itself, or drop --in-place to write a new image to -o",
+        )
     return RefitOptions(
         source=args.image.absolute(),
         recipe=_recipe(args),

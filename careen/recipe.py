@@ -412,7 +412,8 @@ def step_from_option(op: Op, value: str | None, base: Path) -> Step:
         left, sep, right = text.rpartition(":") if op is Op.UPLOAD else text.partition(":")
         if not sep or not left:
             form = "SRC:DEST" if op is Op.UPLOAD else "PATH:CONTENT"
-            raise UsageError(f"--{op} takes {form}, got {text!r}")
+            example = "./motd:/etc/motd" if op is Op.UPLOAD else "/etc/issue:refitted"
+            raise UsageError(f"--{op} takes {form}, got {text!r}", f"for example --{op} {example}")
         if op is Op.UPLOAD:
             src = _host_file(left, where, base)
             return Step(op, source=src, path=_guest_path(right, where, "--upload DEST"))

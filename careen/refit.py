@@ -150,40 +150,71 @@ def choose_backend(
     refusal = host_refusal()
     if refusal:
         return Backend.APPLIANCE, f"the host cannot mount this image: {refusal}"
-    return Backend.HOST, "running as root, and the host can mount every filesystem"
+    return Backend.HOST, "running as root, and nothing in the image needs the appliance"
 
 
-def host_refusal(info: ImageInfo, parent: Path | None) -> str | None:
-    """Why the host backend could not mount the image's Linux filesystems, if it could not."""
+def scan_source(info: ImageInfo, parent: Path | None) -> Disk:
+    """The source's partitions, volume groups and filesystems, read through a read-only view.
+
+    Refuses a disk in which nothing is recognised, before any overlay or appliance.
+    """
     with Resources() as res:
         work = res.enter_context(workdir(parent))
         raw = res.enter_context(export.raw_view(info.path, info.format, work, writable=False))
-        with step("Checking what the host can mount"):
+        with step("Scanning the image's partitions and filesystems"):
             table, vgs, fss = filesystems.scan_disk(raw, info)
-        disk = Disk(info, table, vgs, fss)
-        if not any(fs.type in host.LINUX_FILESYSTEMS for fs in fss) and any(
-            fs.type == "ntfs" for fs in fss
-        ):
-            return "it holds NTFS (Windows), which only the appliance mounts"
-        refusals = []
-        for fs in fss:
-            if fs.type not in host.LINUX_FILESYSTEMS and not host.unreadable(fs):
-                continue
-            try:
-                host.check_reachable(disk, fs)
-            except CareenError as e:
-                refusals.append(e.message)
+    filesystems.check_found(info, table, fss)
+    return Disk(info, table, vgs, fss)
+
+
+def host_refusal(disk: Disk) -> str | None:
+    """Why the host backend could not mount the image's Linux filesystems, if it could not."""
+    fss = disk.filesystems
+    if not any(fs.type in host.LINUX_FILESYSTEMS for fs in fss) and any(
+        fs.type == "ntfs" for fs in fss
+    ):
+        return "it holds NTFS (Windows), which only the appliance mounts"
+    refusals = []
+    for fs in fss:
+        if fs.type not in host.LINUX_FILESYSTEMS and not host.unreadable(fs):
+            continue
+        try:
+            host.check_reachable(disk, fs)
+        except CareenError as e:
+            refusals.append(e.message)
     return "; ".join(refusals) or None
 
 
-def select_backend(requested: Backend, info: ImageInfo, what: str, parent: Path | None) -> Backend:
-    backend, why = choose_backend(
-        requested, is_root=os.geteuid() == 0, host_refusal=lambda: host_refusal(info, parent)
-    )
+def select_backend(
+    requested: Backend,
+    info: ImageInfo,
+    what: str,
+    parent: Path | None,
+    *,
+    scanned: Disk | None = None,
+) -> Backend:
+    """Choose the backend (logged with the reason); `scanned` saves scanning the source again."""
+
+    def refusal() -> str | None:
+        return host_refusal(scanned if scanned is not None else scan_source(info, parent))
+
+    backend, why = choose_backend(requested, is_root=os.geteuid() == 0, host_refusal=refusal)
     log.info("Backend: %s (%s)", backend, why)
     if backend is Backend.HOST:
         host.require_root(what)
     return backend
+
+
+def force_ntfs_unused(backend: Backend, disk: Disk, *, writable: bool) -> str | None:
+    """Why --force-ntfs cannot matter for this run, if it cannot."""
+    if not writable:
+        return "--force-ntfs has no effect: nothing is written"
+    reasons = []
+    if not any(fs.type == "ntfs" for fs in disk.filesystems):
+        reasons.append(f"{disk.image.path} holds no NTFS filesystem")
+    if backend is Backend.HOST:
+        reasons.append("the host backend never writes NTFS (it applies only to the appliance)")
+    return f"--force-ntfs has no effect: {'; and '.join(reasons)}" if reasons else None
 
 
 @contextmanager
@@ -200,6 +231,7 @@ def attach_guest(
 ) -> Iterator[Attached]:
     if backend is Backend.HOST:
         with attach(info, image, fmt, work, writable=writable) as att:
+            _warn_force_ntfs(options, backend, att.disk, writable=writable)
             yield att
         return
     with appliance.attach(
@@ -219,11 +251,19 @@ def attach_guest(
         else:
             facts = osinfo.detect(app.guest, appliance.read_fstab(app.guest))
         disk = replace(app.disk, os=facts, notes=tuple(app.notes))
+        _warn_force_ntfs(options, backend, disk, writable=writable)
         mounts = [{"guest": m.guest_path, "source": m.source, "type": m.type} for m in app.mounts]
         resolver = app.resolver if network else None
         yield Attached(
             disk, app.guest, mounts, app.notes, app.esp_unmounted, app.sync, app.trim, resolver
         )
+
+
+def _warn_force_ntfs(
+    options: ApplianceOptions, backend: Backend, disk: Disk, *, writable: bool
+) -> None:
+    if options.force_ntfs and (why := force_ntfs_unused(backend, disk, writable=writable)):
+        log.warning("%s", why)
 
 
 @contextmanager
@@ -235,6 +275,7 @@ def attach(
         raw = res.enter_context(export.raw_view(image, fmt, work, writable=True))
         with step("Probing partitions, LVM and filesystems"):
             table, vgs, fss = filesystems.scan_disk(raw, info)
+            filesystems.check_found(info, table, fss)
             disk = Disk(info, table, vgs, fss)
             root_fs = host.find_root(raw, disk, work / "probe")
         tree = res.enter_context(host.mount_tree(raw, disk, root_fs, work, writable=writable))

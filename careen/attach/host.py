@@ -338,17 +338,18 @@ def find_root(raw: Path, disk: Disk, probe_dir: Path) -> Root:
     if encrypted:
         raise CareenError(
             f"{disk.image.path} holds LUKS-encrypted volumes ({', '.join(encrypted)})",
-            hint="careen does not refit encrypted images; refit the image before encryption",
+            hint="careen does not open encrypted images; use the image from before encryption",
         )
     kinds = ", ".join(sorted({fs.type for fs in disk.filesystems})) or "none"
     if any(fs.type == "ntfs" for fs in disk.filesystems):
         raise CareenError(
             f"{disk.image.path} holds NTFS (a Windows disk?) and no Linux root",
-            hint="Windows images are refitted with --backend appliance (or auto)",
+            hint="Windows images need --backend appliance (or auto)",
         )
     raise CareenError(
         f"no Linux root filesystem found in {disk.image.path} (filesystems: {kinds})",
-        hint="careen refits Linux images on this backend; check that this is a system disk",
+        hint="the host backend opens only Linux system disks; check that this is one "
+        "(a Windows disk needs --backend appliance)",
     )
 
 

@@ -9,6 +9,7 @@ activated, and the host's own devices are never consulted.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from careen.errors import CareenError
@@ -24,6 +25,7 @@ from careen.image.model import (
     VolumeGroup,
 )
 from careen.image.partitions import read_partition_table
+from careen.image.probe import NOT_AN_IMAGE_HINT
 from careen.run import CommandError, run
 
 LVM_MEMBER = "LVM2_member"
@@ -74,6 +76,20 @@ def scan_disk(
             if lv.visible and not _is_pool(lv):
                 found.append(_lv_filesystem(raw, vg, lv))
     return table, groups, tuple(found)
+
+
+def check_found(
+    image: ImageInfo, table: PartitionTable | None, found: Sequence[Filesystem]
+) -> None:
+    """Refuse a disk in which the scan recognised no filesystem at all: nothing to open."""
+    if found:
+        return
+    if table is None:
+        what = "no partition table and no filesystem"
+    else:
+        count = len(table.partitions)
+        what = f"a {table.label} partition table ({count} partition(s)) but no filesystem"
+    raise CareenError(f"{image.path} holds {what} that careen recognises", NOT_AN_IMAGE_HINT)
 
 
 def _probe(raw: Path, source: str, region: Region, partition: Partition | None) -> list[Filesystem]:

@@ -37,6 +37,15 @@ _FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux
 
 FLATTEN_HINT = "or flatten it first: qemu-img convert -O qcow2 IMAGE FLAT.qcow2"
 
+# One sector: a raw file smaller than this holds no partition table or filesystem, and
+# sfdisk cannot even open it ("Invalid argument"). Other formats that small are headers
+# cut short, which qemu-img itself reports.
+MIN_IMAGE_SIZE = 512
+NOT_AN_IMAGE_HINT = (
+    f"check the path: careen needs a disk image ({', '.join(ImageFormat)}) that holds an "
+    "installed system"
+)
+
 
 def _error(path: Path, problem: str, hint: str = "") -> CareenError:
     return CareenError(f"{path}: {problem}", hint)
@@ -64,6 +73,17 @@ def _check_file(path: Path) -> None:
         raise _error(path, f"cannot be read: {e.strerror}", "check its permissions") from e
     if not first:
         raise _error(path, "is empty", "the download or copy may have failed; fetch it again")
+
+
+def _check_raw_size(path: Path) -> None:
+    """Refuse a raw file smaller than one sector (qemu-img rounds its size up to one)."""
+    st = path.stat()
+    if stat.S_ISREG(st.st_mode) and st.st_size < MIN_IMAGE_SIZE:
+        raise _error(
+            path,
+            f"is only {st.st_size} bytes: too small to hold a partition table or a filesystem",
+            NOT_AN_IMAGE_HINT,
+        )
 
 
 def _in_use_error(path: Path) -> CareenError:
@@ -285,6 +305,8 @@ def probe_image(
             "a raw disk whose first bytes look like another format must not be opened as "
             "that format; check where the image came from",
         )
+    if fmt == ImageFormat.RAW:
+        _check_raw_size(path)
     _check_backing(path, info, backing_file)
     _check_data_file(path, info, data_file)
     if fmt == ImageFormat.QCOW2:

@@ -28,6 +28,7 @@ Cached beside the other samples (`bootable-root-<key>/`, `bootable-<kind>-<key>.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ from pathlib import Path
 from careen.errors import CareenError, ExitCode
 from careen.log import step
 from careen.run import run
-from careen.samples import cache
+from careen.samples import PATH_FORMATS, cache, format_paths
 from careen.samples import root as guest_root
 from careen.samples.build import DISK_SIZE, PART_START, _write_ext4, partition
 from careen.samples.devices import in_guest
@@ -244,19 +245,35 @@ def _write_disk(staging: Path, kind: BootableKind, disk: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m careen.samples.bootable [good|broken ...]`: build and print the paths."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    names = sys.argv[1:] if argv is None else argv
+    """`python -m careen.samples.bootable [good|broken ...] [--format path|json]`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m careen.samples.bootable",
+        description="Build the bootable samples and print their paths, one a line.",
+    )
+    parser.add_argument(
+        "kinds",
+        nargs="*",
+        metavar="KIND",
+        help=f"one of {', '.join(BootableKind)} (default: both)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=PATH_FORMATS,
+        default="path",
+        help="print one path a line (default), or a JSON object of kind to path",
+    )
+    args = parser.parse_args(argv)
     try:
-        kinds = [BootableKind(name) for name in names] or list(BootableKind)
-        paths = {str(kind): str(bootable_sample(kind)) for kind in kinds}
+        kinds = [BootableKind(name) for name in args.kinds] or list(BootableKind)
     except ValueError as e:
-        print(f"error: {e}; kinds: {', '.join(BootableKind)}", file=sys.stderr)
-        return ExitCode.USAGE
+        parser.error(f"{e}; kinds: {', '.join(BootableKind)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        paths = {str(kind): bootable_sample(kind) for kind in kinds}
     except CareenError as e:
         print(f"error: {e}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
         return e.exit_code
-    print(json.dumps(paths, indent=2))
+    print(format_paths(paths, args.format))
     return ExitCode.OK
 
 

@@ -95,7 +95,10 @@ def options(args: argparse.Namespace, image: Path) -> VerifyOptions:
     """
     timeout = getattr(args, "stage_timeout", DEFAULT_STAGE_TIMEOUT)
     if not timeout > 0:
-        raise UsageError("--stage-timeout must be a positive number of seconds")
+        raise UsageError(
+            "--stage-timeout must be a positive number of seconds",
+            hint=f"give it more than 0, or leave it out for {DEFAULT_STAGE_TIMEOUT:.0f} s",
+        )
     boot = BootProperties(
         Firmware(getattr(args, "firmware", Firmware.BIOS)),
         DiskBus(getattr(args, "disk_bus", DiskBus.VIRTIO)),

@@ -26,10 +26,16 @@ from careen.attach import export, host
 from careen.cleanup import Resources
 from careen.errors import CareenError
 from careen.guest.base import Guest, glob, read_text
-from careen.image import filesystems
-from careen.image.model import ImageFormat, ImageInfo
+from careen.image.model import Disk, ImageFormat, ImageInfo
 from careen.log import step
-from careen.refit import ApplianceOptions, Backend, attach_guest, select_backend, workdir
+from careen.refit import (
+    ApplianceOptions,
+    Backend,
+    attach_guest,
+    scan_source,
+    select_backend,
+    workdir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +79,14 @@ def inspect_guest(
     parent: Path | None,
 ) -> GuestFacts:
     """Read what the boot needs from the image, or refuse it before any boot."""
-    # Scanning a qcow2 needs a FUSE export, which the host backend's user (root) has.
-    if (info.format is ImageFormat.RAW or os.geteuid() == 0) and holds_only_ntfs(info, parent):
-        raise _windows(info)
-    chosen = select_backend(backend, info, "verify", parent)
+    # Scanning a qcow2 needs a FUSE export, which the host backend's user (root) has. The
+    # one scan also decides the backend, so the source is exported only once for both.
+    scanned = None
+    if info.format is ImageFormat.RAW or os.geteuid() == 0:
+        scanned = scan_source(info, parent)
+        if holds_only_ntfs(scanned):
+            raise _windows(info)
+    chosen = select_backend(backend, info, "verify", parent, scanned=scanned)
     with Resources() as res:
         work = res.enter_context(workdir(parent))
         ovl = res.enter_context(export.overlay(info, work / "overlay.qcow2"))
@@ -121,14 +131,9 @@ def _windows(info: ImageInfo) -> NotBootable:
     )
 
 
-def holds_only_ntfs(info: ImageInfo, parent: Path | None) -> bool:
+def holds_only_ntfs(disk: Disk) -> bool:
     """Whether the disk holds NTFS and no Linux filesystem (so, Windows)."""
-    with Resources() as res:
-        work = res.enter_context(workdir(parent))
-        raw = res.enter_context(export.raw_view(info.path, info.format, work, writable=False))
-        with step("Scanning the image's filesystems"):
-            _table, _vgs, found = filesystems.scan_disk(raw, info)
-    types = {fs.type for fs in found}
+    types = {fs.type for fs in disk.filesystems}
     return "ntfs" in types and not types & set(host.LINUX_FILESYSTEMS)
 
 

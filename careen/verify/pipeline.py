@@ -120,7 +120,10 @@ def check_options(opts: VerifyOptions) -> None:
     if opts.boot.firmware is boot.Firmware.UEFI:
         boot.find_ovmf()
     if opts.memsize < 256 or opts.smp < 1:
-        raise UsageError("give the test VM at least 256 MiB and one CPU (--memsize, --smp)")
+        raise UsageError(
+            "give the test VM at least 256 MiB and one CPU (--memsize, --smp)",
+            hint="leave both out for the defaults (--memsize 1024 --smp 2)",
+        )
     for program, package in (("ssh", "openssh-client"), ("ssh-keygen", "openssh-client")):
         if not run.have(program):
             raise CareenError(

@@ -54,6 +54,13 @@ def test_empty(tmp_path: Path) -> None:
     assert "is empty" in str(refusal(tmp_path / "empty.raw"))
 
 
+def test_tiny_raw(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a disk image\n" * 6)
+    error = refusal(text)
+    assert "only 102 bytes: too small" in str(error) and "check the path" in error.hint
+
+
 def test_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     image = sparse_file(tmp_path / "disk.raw", MiB)
 

@@ -70,6 +70,49 @@ def test_bad_requests_end_in_one_line(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("verb", ["inspect", "refit", "verify"])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"just some text\n" * 6 + b"1234567890", "only 100 bytes: too small"),
+        (bytes(1 << 20), "no partition table and no filesystem that careen recognises"),
+    ],
+    ids=["100 bytes of text", "1 MiB of zeros"],
+)
+def test_a_file_that_is_no_disk_image(
+    tmp_path: Path, verb: str, content: bytes, message: str
+) -> None:
+    image = tmp_path / "notes.txt"
+    image.write_bytes(content)
+    out = tmp_path / "out.qcow2"
+    extra: list[str | Path] = ["-o", out] if verb == "refit" else []
+    before = host_state()
+    proc = careen(verb, image, *extra, tmpdir=tmp_path)
+    assert_fails(proc, 1, message, "check the path.*disk image")
+    assert image.read_bytes() == content
+    assert not out.exists() and not list(tmp_path.glob("careen-*"))
+    assert host_state() == before
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("verify", [[], ["--verify"]], ids=["", "--verify"])
+def test_in_place_with_an_output(source: Path, tmp_path: Path, verify: list[str]) -> None:
+    out = tmp_path / "out.qcow2"
+    proc = careen("refit", source, "-o", out, "--in-place", *verify, tmpdir=tmp_path)
+    assert_fails(proc, 2, "--in-place and -o exclude each other", "drop -o.*drop --in-place")
+    assert not out.exists()
+
+
+@pytest.mark.timeout(120)
+def test_force_ntfs_without_ntfs_says_it_does_nothing(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.qcow2"
+    proc = careen("refit", source, "-o", out, "-r", "empty", "--force-ntfs", tmpdir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--force-ntfs has no effect" in proc.stderr and "holds no NTFS" in proc.stderr
+    assert out.exists()
+
+
+@pytest.mark.timeout(120)
 def test_refit_without_output_is_a_usage_error(source: Path, tmp_path: Path) -> None:
     assert_fails(careen("refit", source, tmpdir=tmp_path), 2, "needs an output")
 
