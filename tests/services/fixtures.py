@@ -1,13 +1,15 @@
-"""The session fixture `cloud`: a real Keystone and Glance, started on first request.
+"""The session fixtures `cloud` (a real Keystone and Glance) and `ceph` (a real Ceph),
+each started on first request.
 
-Registered for the whole suite from tests/conftest.py, so any test can ask for it; a run
-that asks for it pays the start once (Keystone and Glance with fresh databases), a run
-that does not pays nothing. While it lives, `OS_CLIENT_CONFIG_FILE` points at its
-clouds.yaml, so careen started from a test finds `--os-cloud careen-demo`, and the
-caller's own `OS_*` variables are out of the way.
+Registered for the whole suite from tests/conftest.py, so any test can ask for them; a
+run that asks for one pays its start once (Keystone and Glance with fresh databases, a
+fresh Ceph cluster), a run that does not pays nothing. While `cloud` lives,
+`OS_CLIENT_CONFIG_FILE` points at its clouds.yaml, so careen started from a test finds
+`--os-cloud careen-demo`, and the caller's own `OS_*` variables are out of the way; while
+`ceph` lives, `CEPH_CONF` points at its ceph.conf and the caller's `CEPH_ARGS` is gone.
 
-A missing or stale service venv skips (under CI that fails the run, by the suite's skip
-rule); a service that does not start is an error, never a skip.
+A missing or stale service venv, or missing Ceph programs, skip (under CI that fails the
+run, by the suite's skip rule); a service that does not start is an error, never a skip.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from .ceph import Ceph, missing_binaries, start_ceph
 from .process import NotInstalled, group_alive, service_venv
 
 if TYPE_CHECKING:  # openstacksdk is imported only by a run that starts the cloud
@@ -48,6 +51,22 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
             env.delenv(name)
         with start_cloud(root) as started:
             env.setenv("OS_CLIENT_CONFIG_FILE", str(started.clouds_yaml))
+            pids = started.pids
+            yield started
+    assert_stopped(pids)
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
+    """A Ceph cluster with an rbd pool `images` for the whole session (see `Ceph`). The
+    session shares the pool: a test removes the RBD images it makes."""
+    if missing := missing_binaries():
+        pytest.skip(f"no ceph: run scripts/setup --tests (missing {', '.join(missing)})")
+    root = tmp_path_factory.mktemp("ceph")
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("CEPH_ARGS", raising=False)
+        with start_ceph(root) as started:
+            env.setenv("CEPH_CONF", str(started.conf))
             pids = started.pids
             yield started
     assert_stopped(pids)
