@@ -28,6 +28,7 @@ from rich.table import Table
 from careen import __version__, interrupts, journal, linux, recipe, recover
 from careen.accel import Accel
 from careen.attach import host
+from careen.ceph import command as ceph_command
 from careen.errors import CareenError, ExitCode, UsageError
 from careen.glance import command as glance_command
 from careen.image.model import Disk, ImageFormat, OSInfo, Segment
@@ -290,6 +291,8 @@ def _dispatch_run(args: argparse.Namespace) -> int:
         else:
             _print_disk(disk)
         return ExitCode.OK
+    if args.verb == "refit" and ceph_command.wanted(args):
+        return ceph_command.run_refit(args, _refit_options, _jsonable, _print_result)
     if args.verb == "refit" and glance_command.wanted(args):
         return glance_command.run_refit(args, _refit_options, _jsonable, _print_result)
     if args.verb == "refit":

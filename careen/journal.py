@@ -212,7 +212,8 @@ def checkpoint(stage: str) -> None:
 
     With CAREEN_TEST_PAUSE=STAGE in the environment, careen writes its PID to
     $CAREEN_TEST_PAUSE_FILE when it reaches that stage and then waits there until a
-    signal ends it. Without the variable this does nothing.
+    signal ends it, or, with CAREEN_TEST_RESUME=1, until the test removes that file.
+    Without the variable this does nothing.
     """
     if os.environ.get("CAREEN_TEST_PAUSE") != stage:
         return
@@ -220,5 +221,7 @@ def checkpoint(stage: str) -> None:
     if marker:
         Path(marker).write_text(f"{os.getpid()}\n")
     log.warning("paused at stage %s for a test", stage)
-    while True:
-        time.sleep(3600)
+    resume = marker is not None and os.environ.get("CAREEN_TEST_RESUME") == "1"
+    while not resume or Path(str(marker)).exists():
+        time.sleep(0.1 if resume else 3600)
+    log.warning("resumed at stage %s", stage)

@@ -175,6 +175,15 @@ def _release_glance_image(entry: dict[str, Any], same_boot: bool) -> str | None:
         raise OSError(e.message) from e
 
 
+def _release_rbd_image(entry: dict[str, Any], same_boot: bool) -> str | None:
+    from careen.ceph.images import release_journaled  # librados only when needed
+
+    try:
+        return release_journaled(entry, same_boot)
+    except CareenError as e:
+        raise OSError(e.message) from e
+
+
 RELEASERS: dict[str, Callable[[dict[str, Any], bool], str | None]] = {
     "mount": _release_mount,
     "daemon": _release_daemon,
@@ -183,6 +192,7 @@ RELEASERS: dict[str, Callable[[dict[str, Any], bool], str | None]] = {
     "dm": _release_dm,
     "nbd": _release_nbd,
     "glance-image": _release_glance_image,
+    "rbd-image": _release_rbd_image,
 }
 
 

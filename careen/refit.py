@@ -77,6 +77,8 @@ class RefitOptions:
     # Checks the written output before it is published (boot verification); returns a
     # note for the result, raises to refuse the output.
     verify: Callable[[Path], str] | None = None
+    # The source is careen's own copy (a new RBD image): in place is the plan, not a risk.
+    scratch: bool = False
 
 
 @dataclass
@@ -352,7 +354,7 @@ def refit(opts: RefitOptions) -> RefitResult:
     if opts.output is not None:
         check_destination(opts.output, opts.source, force=opts.force)
     backend = select_backend(opts.backend, info, "refit", opts.workdir or _default_workdir(opts))
-    if opts.in_place:
+    if opts.in_place and not opts.scratch:
         log.warning("--in-place: %s itself is changed; there is no undo", opts.source)
     with Resources() as outer:
         outer.enter_context(locks.hold_for_refit(opts.source, opts.output))

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,17 +64,25 @@ def qsd_argv(image: Path, fmt: ImageFormat, mountpoint: Path, *, writable: bool)
         "read-only": ro,
         "discard": "unmap",
     }
+    return qsd_export_argv([file_node, fmt_node], mountpoint, writable=writable)
+
+
+def qsd_export_argv(
+    nodes: Sequence[Mapping[str, object]],
+    mountpoint: Path,
+    *,
+    writable: bool,
+    objects: Sequence[str] = (),
+) -> list[str]:
+    """qemu-storage-daemon with `nodes` (the last one, named disk0, exported) and `objects`."""
     export = f"type=fuse,id=exp0,node-name=disk0,mountpoint={mountpoint}"
     export += f",writable={'on' if writable else 'off'}"
-    return [
-        "qemu-storage-daemon",
-        "--blockdev",
-        json.dumps(file_node),
-        "--blockdev",
-        json.dumps(fmt_node),
-        "--export",
-        export,
-    ]
+    argv = ["qemu-storage-daemon"]
+    for obj in objects:
+        argv += ["--object", obj]
+    for node in nodes:
+        argv += ["--blockdev", json.dumps(node)]
+    return [*argv, "--export", export]
 
 
 def _is_mounted(path: Path) -> bool:
@@ -97,10 +105,19 @@ def raw_view(image: Path, fmt: ImageFormat, workdir: Path, *, writable: bool) ->
             handle.done()
         return
     mountpoint = workdir / "export.raw"
+    argv = qsd_argv(image, fmt, mountpoint, writable=writable)
+    with fuse_export(argv, image.name, mountpoint) as view:
+        yield view
+
+
+@contextmanager
+def fuse_export(qsd: list[str], label: str, mountpoint: Path) -> Iterator[Path]:
+    """Run the qemu-storage-daemon command `qsd`, whose FUSE export is at `mountpoint`
+    (created here), and yield the export as a raw file."""
     file_handle = journal.record("file", path=str(mountpoint), what="FUSE export mount point")
     mountpoint.touch()  # a FUSE export's mount point must be an existing regular file
     try:
-        with _export_daemon(image, fmt, mountpoint, writable) as view:
+        with _export_daemon(qsd, label, mountpoint) as view:
             journal.checkpoint("exported")
             yield view
     finally:
@@ -108,7 +125,7 @@ def raw_view(image: Path, fmt: ImageFormat, workdir: Path, *, writable: bool) ->
         file_handle.done()
 
 
-def daemon_argv(image: Path, fmt: ImageFormat, mountpoint: Path, *, writable: bool) -> list[str]:
+def daemon_argv(qsd: list[str]) -> list[str]:
     """qemu-storage-daemon in a mount namespace of its own.
 
     Its FUSE mount must not live in the namespace that holds the guest's filesystems: if
@@ -124,18 +141,16 @@ def daemon_argv(image: Path, fmt: ImageFormat, mountpoint: Path, *, writable: bo
         "--propagation",
         "private",
         "--",
-        *qsd_argv(image, fmt, mountpoint, writable=writable),
+        *qsd,
     ]
 
 
 @contextmanager
-def _export_daemon(
-    image: Path, fmt: ImageFormat, mountpoint: Path, writable: bool
-) -> Iterator[Path]:
+def _export_daemon(qsd: list[str], label: str, mountpoint: Path) -> Iterator[Path]:
     """Start the daemon and yield the export as seen from inside its namespace."""
-    argv = daemon_argv(image, fmt, mountpoint, writable=writable)
+    argv = daemon_argv(qsd)
     handle = journal.record("daemon", argv0="qemu-storage-daemon", mountpoint=str(mountpoint))
-    with step(f"Exporting {image.name} as raw through qemu-storage-daemon"):
+    with step(f"Exporting {label} as raw through qemu-storage-daemon"):
         with critical():  # journaled before Ctrl-C can strike
             daemon = run.spawn(argv)  # unshare execs the daemon: same PID, same death signal
             handle.note(pid=daemon.pid, start_time=journal.process_start_time(daemon.pid))

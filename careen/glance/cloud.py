@@ -9,6 +9,7 @@ needs and turns HTTP failures into `CareenError`s.
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import re
@@ -111,7 +112,7 @@ def _http_error(response: Any, what: str) -> GlanceError:
 def _plain(text: str) -> str:
     """Glance's error pages are HTML: keep the sentence, drop the markup and the title."""
     body = text.split("</h1>", 1)[-1]
-    return " ".join(re.sub(r"<[^>]*>", " ", body).split())
+    return html.unescape(" ".join(re.sub(r"<[^>]*>", " ", body).split()))
 
 
 def connect(cloud_name: str | None = None) -> Cloud:

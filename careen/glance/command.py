@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +28,7 @@ from careen.glance import metadata, publish, source
 from careen.glance.cloud import Cloud, connect
 from careen.image import probe
 from careen.image.model import ImageFormat
-from careen.log import step
+from careen.log import progress_bar, step
 from careen.output import check_destination, write_image
 from careen.recipe import PropertyChanges, Recipe
 from careen.recipe import load as load_recipe
@@ -42,6 +42,19 @@ PUBLISH_FORMATS = ("qcow2", "raw")
 def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Glance (IMAGE as glance:ID or glance:NAME; -o glance:[NAME])")
     _add_publish_options(g)
+    c = p.add_argument_group("Ceph (a Glance image stored in RBD is refitted inside the cluster)")
+    c.add_argument("--ceph-conf", type=Path, help="the cluster's ceph.conf (or CEPH_CONF)")
+    c.add_argument("--ceph-user", help="the Ceph client, without client. (default admin)")
+    c.add_argument("--keyring", type=Path, help="that client's keyring")
+    c.add_argument(
+        "--rbd-pool",
+        help="the Glance pool, when the cloud does not show the image's location",
+    )
+    c.add_argument(
+        "--via-glance",
+        action="store_true",
+        help="download and upload through the Glance API even when the image is in Ceph",
+    )
 
 
 def add_publish_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -109,6 +122,7 @@ class GlanceResult:
     new_image: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     retired: str | None = None
+    figures: dict[str, Any] | None = None  # bytes and seconds per step (Ceph)
 
 
 def _check_args(args: argparse.Namespace, publishing: bool) -> None:
@@ -166,31 +180,24 @@ def run_refit(
     try:
         src = source.find_image(cloud, source.ref_value(str(args.image)))
         source.check_refittable(src, may_publicize=cloud.is_admin)
-        out_fmt = _output_format(args, src, publishing)
-        parent = _work_parent(args, publishing)
-        source.check_space(parent, src)
+        in_ceph = _in_ceph(args, src) if publishing else None
+        out_fmt = "raw" if in_ceph else _output_format(args, src, publishing)
+        if in_ceph is None:
+            source.check_space(_work_parent(args, publishing), src)
         name = source.ref_value(str(args.output)) or None
         plan = _plan(cloud, src, name, opts.recipe, out_fmt) if publishing else None
-        if publishing:
-            _check_upload_path(cloud, args)
-        if args.dry_run:
-            recipe_name = opts.recipe.name
-            data = {
-                "download": {
-                    "id": src.id,
-                    "name": src.name,
-                    "disk_format": src.image["disk_format"],
-                    "size": src.size,
-                },
-                "recipe": recipe_name,
-            }
-            lines = [
-                f"Would download image {src.label()}: {src.image['disk_format']}, {src.size} bytes",
-                f"Would refit it with recipe {recipe_name}",
-            ]
-            _print_plan(args, data, plan, out_fmt, lines)
-            return ExitCode.OK
-        result, glance = _refit_and_publish(cloud, src, args, opts, out_fmt, plan)
+        if in_ceph is not None and plan is not None:
+            done = _refit_in_ceph(cloud, src, in_ceph, args, opts, plan)
+            if done is None:
+                return ExitCode.OK  # --dry-run
+            result, glance = done
+        else:
+            if publishing:
+                _check_upload_path(cloud, args)
+            if args.dry_run:
+                _print_download_plan(args, src, opts, plan, out_fmt)
+                return ExitCode.OK
+            result, glance = _refit_and_publish(cloud, src, args, opts, out_fmt, plan)
     finally:
         cloud.close()
     if args.format == "json":
@@ -199,6 +206,135 @@ def run_refit(
         print_result(result)
         _print_glance(glance)
     return ExitCode.OK
+
+
+def _in_ceph(args: argparse.Namespace, src: source.SourceImage) -> Any:
+    """Where the source lives in Ceph when the refit is to happen there, else None."""
+    from careen.ceph import location
+    from careen.ceph.cluster import DEFAULT_CONF
+    from careen.ceph.publish import source_ref
+
+    asked = bool(args.ceph_conf or args.rbd_pool or args.ceph_user or args.keyring)
+    if args.via_glance:
+        if asked:
+            raise UsageError("--via-glance excludes the Ceph options", hint="drop one or the other")
+        return None
+    found = location.of_image(src.image)
+    ref = source_ref(src, found, args.rbd_pool)
+    if ref is None:
+        if asked:
+            raise CareenError(
+                f"the cloud does not show where image {src.label()} is stored",
+                hint="name its pool with --rbd-pool (Glance names the RBD image by the image ID)",
+            )
+        return None
+    has_conf = args.ceph_conf or os.environ.get("CEPH_CONF") or DEFAULT_CONF.is_file()
+    if not has_conf:
+        log.info(
+            "Image %s is stored in Ceph (%s), but there is no Ceph configuration here: "
+            "going through the Glance API",
+            src.label(),
+            ref.spec(),
+        )
+        return None
+    if src.format is not ImageFormat.RAW:
+        raise CareenError(
+            f"image {src.label()} is stored in Ceph as {src.format.value}; careen refits "
+            "raw RBD images in the cluster",
+            hint="add --via-glance to download, refit and upload it through Glance",
+        )
+    for flag, used in (
+        ("--disk-format qcow2", args.disk_format == "qcow2"),
+        ("--import", args.use_import),
+        ("--store", args.store),
+    ):
+        if used:
+            raise UsageError(
+                f"{flag} does not apply to a refit inside Ceph (the new image is raw, in "
+                "the source's pool)",
+                hint="drop it, or add --via-glance to go through the Glance API",
+            )
+    return ref
+
+
+def _refit_in_ceph(
+    cloud: Cloud,
+    src: source.SourceImage,
+    ref: Any,
+    args: argparse.Namespace,
+    opts: RefitOptions,
+    plan: metadata.Plan,
+) -> tuple[RefitResult, GlanceResult] | None:
+    """The Ceph flow (careen.ceph.publish); None after a --dry-run."""
+    from careen.ceph import publish as in_ceph
+    from careen.ceph.cluster import CephAccess
+
+    access = CephAccess.from_options(args.ceph_conf, args.ceph_user, args.keyring)
+    with in_ceph.cluster_for(access) as cluster:
+        in_ceph.check_cluster(cluster, ref)
+        retire = publish.Retire(args.retire)
+        if retire is publish.Retire.DELETE:
+            in_ceph.check_deletable(cluster, ref, src.label())
+        if args.dry_run:
+            where = f"rbd://{cluster.fsid}/{ref.pool}/<new image ID>/snap"
+            data = {
+                "rbd": {"source": ref.spec(), "fsid": cluster.fsid, "location": where},
+                "recipe": opts.recipe.name,
+            }
+            lines = [
+                f"Would copy {ref.spec()} to {ref.pool}/<new image ID> inside the cluster "
+                f"{cluster.fsid}",
+                f"Would refit the copy in place with recipe {opts.recipe.name}",
+                f"Would snapshot and protect it, and register {where}",
+            ]
+            _print_plan(args, data, plan, "raw", lines)
+            return None
+        done = in_ceph.refit_in_cluster(cloud, cluster, src, ref, plan, opts)
+        glance = GlanceResult(source={"id": src.id, "name": src.name})
+        glance.notes += plan.notes + done.notes
+        if done.pending:
+            glance.notes.append(
+                f"members re-added, pending until they accept: {', '.join(done.pending)}"
+            )
+        glance.notes.append(f"location registered with {done.api}")
+        glance.new_image = {
+            "id": done.new_id,
+            "name": plan.body["name"],
+            "disk_format": "raw",
+            "visibility": plan.body["visibility"],
+            "os_hash_algo": done.hash_algo,
+            "os_hash_value": done.hash_value,
+            "members_pending": done.pending,
+            "location": done.location,
+        }
+        glance.figures = done.figures.as_dict()
+        if retire is publish.Retire.DELETE:
+            in_ceph.check_deletable(cluster, ref, src.label())
+        _retire(cloud, src, args, glance, done.new_id)
+    return done.result, glance
+
+
+def _print_download_plan(
+    args: argparse.Namespace,
+    src: source.SourceImage,
+    opts: RefitOptions,
+    plan: metadata.Plan | None,
+    out_fmt: str,
+) -> None:
+    data = {
+        "download": {
+            "id": src.id,
+            "name": src.name,
+            "disk_format": src.image["disk_format"],
+            "size": src.size,
+        },
+        "recipe": opts.recipe.name,
+    }
+    lines = [
+        f"Would download image {src.label()}: {src.image['disk_format']}, {src.size} bytes",
+        f"Would refit it with recipe {opts.recipe.name}",
+    ]
+    _print_plan(args, data, plan, out_fmt, lines)
 
 
 def run_publish(args: argparse.Namespace, jsonable: Callable[[object], Any]) -> int:
@@ -318,32 +454,6 @@ def _work_file(path: Path, what: str) -> Iterator[Path]:
         handle.done()
 
 
-def _progress(what: str, total: int, stack: ExitStack) -> Callable[[int], None] | None:
-    if not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    stack.enter_context(bar)
-    task = bar.add_task(what, total=total)
-    return lambda done: bar.update(task, completed=done)
-
-
 def _refit_and_publish(
     cloud: Cloud,
     src: source.SourceImage,
@@ -361,7 +471,7 @@ def _refit_and_publish(
             _work_file(work / f"source.{src.image['disk_format']}", "downloaded Glance image")
         )
         with ExitStack() as bar, step(f"Downloading image {src.label()} ({src.size >> 20} MiB)"):
-            source.download(cloud, src, local, _progress("download", src.size, bar))
+            source.download(cloud, src, local, progress_bar("download", src.size, bar))
         probe.probe_image(local, expected_format=src.format)
         if plan is None:
             result = refit(replace(opts, source=local, workdir=work))
@@ -420,7 +530,7 @@ def _publish(
             path,
             use_import=args.use_import,
             store=args.store,
-            progress=_progress("upload", size, bar),
+            progress=progress_bar("upload", size, bar),
         )
     image = publish.wait_active(cloud, new.id)
     algo, value = publish.check_hashes(image, path, digests)
@@ -507,6 +617,10 @@ def _print_glance(glance: GlanceResult) -> None:
         print(
             f"Published image {img['id']} ({img['name']!r}, {img['disk_format']}, "
             f"{img['os_hash_algo']} verified)"
+            + (f" at {img['location']}" if img.get("location") else "")
         )
+    if glance.figures:
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in glance.figures["seconds"].items())
+        print(f"Copied {glance.figures['copied_bytes'] >> 20} MiB inside Ceph; {steps}")
     if glance.retired:
         print(glance.retired)

@@ -204,18 +204,20 @@ def wait_active(cloud: Cloud, image_id: str, timeout: float = ACTIVE_TIMEOUT) ->
         time.sleep(0.5)
 
 
-def check_hashes(image: dict[str, Any], path: Path, local: dict[str, str]) -> tuple[str, str]:
-    """Glance's hashes of the new image must be the local file's."""
+def check_hashes(
+    image: dict[str, Any], path: Path | None, local: dict[str, str]
+) -> tuple[str, str]:
+    """Glance's hashes of the new image must be the local file's (or data's: `local`)."""
     algo = str(image.get("os_hash_algo") or "")
     value = str(image.get("os_hash_value") or "")
-    if algo and algo not in local:
+    if algo and algo not in local and path is not None:
         h = hashlib.new(algo)
         with path.open("rb") as f:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
         local[algo] = h.hexdigest()
     mismatch = []
-    if algo and local[algo] != value:
+    if algo and local.get(algo) != value:
         mismatch.append(algo)
     if image.get("checksum") and image["checksum"] != local["md5"]:
         mismatch.append("md5")
@@ -225,9 +227,50 @@ def check_hashes(image: dict[str, Any], path: Path, local: dict[str, str]) -> tu
         raise CareenError(
             f"Glance's {', '.join(mismatch)} of the new image {image['id']} differs from the "
             "file careen uploaded",
-            hint="the data was damaged on the way; nothing was published, try again",
+            hint="the data was damaged on the way, or Glance hashed other data; nothing was "
+            "published, try again",
         )
     return (algo, value) if algo else ("md5", local["md5"])
+
+
+def add_location(
+    cloud: Cloud, image_id: str, url: str, store: str | None, validation: dict[str, str]
+) -> str:
+    """Give the queued image its data by location; return which API took it.
+
+    The locations API (`POST /v2/images/ID/locations`) is tried first; it wants the
+    service role for URLs that are not http. Otherwise the older PATCH of `locations`,
+    which computes no hashes: `validation` (checksum, os_hash_algo, os_hash_value,
+    computed by careen while it read the data) goes with it."""
+    try:
+        cloud.request(
+            "POST",
+            f"/images/{image_id}/locations",
+            ok=(202,),
+            what="register the new image's location",
+            # This API takes the os_hash pair only; the older one takes checksum as well.
+            json={
+                "url": url,
+                "validation_data": {k: v for k, v in validation.items() if k != "checksum"},
+            },
+        )
+        return "the locations API (POST /v2/images/ID/locations)"
+    except GlanceError as e:
+        if e.status not in (403, 404, 405):
+            raise
+        log.debug("the locations API refused (%s); using the PATCH of locations", e.status)
+    value: dict[str, Any] = {
+        "url": url,
+        "metadata": {"store": store} if store else {},
+        "validation_data": validation,
+    }
+    patch(
+        cloud,
+        image_id,
+        [{"op": "add", "path": "/locations/-", "value": value}],
+        "register the new image's location",
+    )
+    return "the PATCH of locations (with careen's hashes as validation data)"
 
 
 def finish(

@@ -74,12 +74,19 @@ class Cloud:
         *,
         image_property_quota: int | None = None,
         options: Mapping[str, Mapping[str, str]] = {},
+        backends: Mapping[str, str] = {},
+        env: Mapping[str, str] = {},
     ) -> Iterator[Glance]:
         """A second Glance against the same Keystone, with its own database and store, for
         a test that needs other settings (not in the catalog: connect with
         `image_endpoint_override`)."""
         with start_glance(
-            root, self.glance_auth, image_property_quota=image_property_quota, options=options
+            root,
+            self.glance_auth,
+            image_property_quota=image_property_quota,
+            options=options,
+            backends=backends,
+            env=env,
         ) as glance:
             yield glance
 
