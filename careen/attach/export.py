@@ -33,7 +33,9 @@ _EXPORT_TIMEOUT = 20.0
 @contextmanager
 def overlay(source: ImageInfo, path: Path) -> Iterator[Path]:
     """A qcow2 overlay over `source` at `path`, removed afterwards."""
-    backing = source.path.resolve()
+    # Absolute, not resolved: an export seen through /proc/PID/root must stay there
+    # (resolving it would name the empty mount point in this namespace).
+    backing = Path(os.path.abspath(source.path))
     argv: list[run.Arg] = ["qemu-img", "create", "-q", "-f", "qcow2"]
     argv += ["-o", f"backing_file={backing},backing_fmt={source.format.value}"]
     argv += ["-o", "lazy_refcounts=on", path]

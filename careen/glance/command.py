@@ -220,6 +220,9 @@ def _in_ceph(args: argparse.Namespace, src: source.SourceImage) -> Any:
             raise UsageError("--via-glance excludes the Ceph options", hint="drop one or the other")
         return None
     found = location.of_image(src.image)
+    if found is None and (src.image.get("locations") or src.image.get("direct_url")):
+        log.info("Image %s is not stored in Ceph: going through the Glance API", src.label())
+        return None
     ref = source_ref(src, found, args.rbd_pool)
     if ref is None:
         if asked:

@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from integration.util import CAREEN, careen, careen_env
+from openstack.identity.v3._proxy import Proxy as IdentityV3
 from services.ceph import Ceph
 from services.cloud import Cloud, disconnect, image_v2
 from services.glance import Glance
@@ -64,11 +66,16 @@ def _bindings(root: Path) -> Path:
     return links
 
 
-@pytest.fixture(scope="session")
-def ceph_cloud(
-    cloud: Cloud, ceph: Ceph, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def ceph_glance(
+    cloud: Cloud,
+    ceph: Ceph,
+    root: Path,
+    more: Mapping[str, Mapping[str, str]] = {},
 ) -> Iterator[CephCloud]:
-    root = tmp_path_factory.mktemp("glance-ceph")
+    """A Glance on the session's Keystone whose default store is `ceph`'s pool, with
+    `more` options, and a clouds.yaml for it: ceph-admin, ceph-demo, and ceph-service (the
+    Glance service user, who has the service role)."""
     options = {
         "glance_store": {"default_backend": STORE},
         STORE: {
@@ -78,15 +85,19 @@ def ceph_cloud(
             "rbd_thin_provisioning": "True",
             "rados_connect_timeout": "30",
         },
+        **more,
     }
     env = {"PYTHONPATH": str(_bindings(root)), "CEPH_CONF": str(ceph.conf)}
     with cloud.another_glance(
         root / "glance", backends={STORE: "rbd"}, options=options, env=env
     ) as glance:
         entries = yaml.safe_load(cloud.clouds_yaml.read_text())["clouds"]
+        admin_entry = entries[cloud.admin_cloud]
+        auth = {**admin_entry["auth"], **_operator_with_service_role(cloud)}
         clouds = {
-            "ceph-admin": {**entries[cloud.admin_cloud], "image_endpoint_override": glance.url},
+            "ceph-admin": {**admin_entry, "image_endpoint_override": glance.url},
             "ceph-demo": {**entries[cloud.demo_cloud], "image_endpoint_override": glance.url},
+            "ceph-service": {**admin_entry, "auth": auth, "image_endpoint_override": glance.url},
         }
         clouds_yaml = root / "clouds.yaml"
         clouds_yaml.write_text(yaml.safe_dump({"clouds": clouds}))
@@ -98,6 +109,34 @@ def ceph_cloud(
         finally:
             disconnect(admin)
             disconnect(demo)
+
+
+OPERATOR = "careen-operator"
+
+
+def _operator_with_service_role(cloud: Cloud) -> dict[str, str]:
+    """A user with the admin and service roles on project admin (made once): what the
+    newer locations API wants for rbd:// URLs."""
+    identity = cloud.admin.identity
+    assert isinstance(identity, IdentityV3), identity
+    password = "careen-" + OPERATOR
+    if identity.find_user(OPERATOR) is None:
+        user = identity.create_user(name=OPERATOR, password=password, domain_id="default")
+        project = identity.find_project("admin")
+        assert project is not None
+        for role_name in ("admin", "service"):
+            role = identity.find_role(role_name)
+            assert role is not None, role_name
+            identity.assign_project_role_to_user(project, user, role)
+    return {"username": OPERATOR, "password": password, "project_name": "admin"}
+
+
+@pytest.fixture(scope="session")
+def ceph_cloud(
+    cloud: Cloud, ceph: Ceph, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CephCloud]:
+    with ceph_glance(cloud, ceph, tmp_path_factory.mktemp("glance-ceph")) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")
