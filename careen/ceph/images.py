@@ -80,6 +80,48 @@ def new_copy(cluster: Cluster, source: RbdRef, dest: RbdRef) -> Iterator[NewRbd]
 
     Journaled before it is created; removed (snapshots and all) when the context is left
     without `keep()`, by an error, a Ctrl-C or a failure of the caller."""
+
+    def make(src: Any, dst_io: Any, new: NewRbd) -> None:
+        new.size = int(src.size())
+        src.copy(dst_io, dest.image, features=int(src.features()), order=_order(src))
+
+    with _new_image(cluster, source, dest, make, "copy") as new:
+        yield new
+
+
+@contextmanager
+def new_empty(cluster: Cluster, like: RbdRef, dest: RbdRef, size: int) -> Iterator[NewRbd]:
+    """`dest`, a new zero-filled image of `size` bytes with the object size and features
+    of `like`; journaled and removed like a copy."""
+    import rbd
+
+    def make(src: Any, dst_io: Any, new: NewRbd) -> None:
+        new.size = size
+        rbd.RBD().create(
+            dst_io,
+            dest.image,
+            size,
+            order=_order(src),
+            old_format=False,
+            features=int(src.features()),
+        )
+
+    with _new_image(cluster, like, dest, make, "create") as new:
+        yield new
+
+
+def _order(img: Any) -> int:
+    return int(img.stat()["order"])
+
+
+@contextmanager
+def _new_image(
+    cluster: Cluster,
+    source: RbdRef,
+    dest: RbdRef,
+    make: Callable[[Any, Any, NewRbd], None],
+    what: str,
+) -> Iterator[NewRbd]:
     import rbd
 
     new = NewRbd(dest)
@@ -101,12 +143,8 @@ def new_copy(cluster: Cluster, source: RbdRef, dest: RbdRef) -> Iterator[NewRbd]
             start = time.monotonic()
             try:
                 with rbd.Image(src_io, source.image, snapshot=source.snap, read_only=True) as img:
-                    new.size = int(img.size())
-                    order = int(img.stat()["order"])
-                    features = int(img.features())
-
-                    made = True  # from here on a failure may leave part of a copy
-                    img.copy(dst_io, dest.image, features=features, order=order)
+                    made = True  # from here on a failure may leave part of an image
+                    make(img, dst_io, new)
             except rbd.ImageNotFound:
                 if not made:
                     raise CareenError(
@@ -115,7 +153,7 @@ def new_copy(cluster: Cluster, source: RbdRef, dest: RbdRef) -> Iterator[NewRbd]
                     ) from None
                 raise
             except rbd.Error as e:
-                raise ceph_error(e, f"copy {source.spec()} to {dest.spec()}") from e
+                raise ceph_error(e, f"{what} {dest.spec()} from {source.spec()}") from e
             new.seconds = time.monotonic() - start
         yield new
     except BaseException:

@@ -16,9 +16,10 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from careen import journal
+from careen import journal, run
 from careen.ceph import images
 from careen.ceph.cluster import CephAccess, Cluster, connect
 from careen.ceph.export import rbd_view
@@ -122,8 +123,15 @@ def refit_in_cluster(
         dest = RbdRef(ref.pool, new.id)
         with figures.timed("copy"):
             size = images.image_size(cluster, ref)
-            with step(f"Copying {ref.spec()} to {dest.spec()} in the cluster ({size >> 20} MiB)"):
-                copy = stack.enter_context(images.new_copy(cluster, ref, dest))
+            if src.format is ImageFormat.QCOW2:
+                what = f"Converting {ref.spec()} (qcow2) into {dest.spec()} (raw) in the cluster"
+                with step(what):
+                    copy = stack.enter_context(_converted(cluster, ref, dest, opts.workdir))
+            else:
+                with step(
+                    f"Copying {ref.spec()} to {dest.spec()} in the cluster ({size >> 20} MiB)"
+                ):
+                    copy = stack.enter_context(images.new_copy(cluster, ref, dest))
         figures.copied_bytes = copy.size
         journal.checkpoint("rbd-copied")
         with figures.timed("refit"):
@@ -156,6 +164,26 @@ def refit_in_cluster(
         new.keep()
     result.output = None
     return InCluster(result, new.id, snap.url(), api, algo, value, pending, notes, figures)
+
+
+@contextmanager
+def _converted(
+    cluster: Cluster, source: RbdRef, dest: RbdRef, parent: Path | None
+) -> Iterator[images.NewRbd]:
+    """`dest`, a raw image holding the disk that the qcow2 in `source` describes: both are
+    exported through FUSE and qemu-img converts between them, writing only data."""
+    with ExitStack() as views:
+        work = views.enter_context(workdir(parent, prefix="careen-rbd-", clear=True))
+        (work / "from").mkdir()
+        (work / "to").mkdir()
+        source_view = views.enter_context(rbd_view(cluster, source, work / "from", writable=False))
+        info = probe.probe_image(source_view, expected_format=ImageFormat.QCOW2)
+        with images.new_empty(cluster, source, dest, info.virtual_size) as new:
+            target = views.enter_context(rbd_view(cluster, dest, work / "to", writable=True))
+            argv: list[run.Arg] = ["qemu-img", "convert", "-n", "--target-is-zero"]
+            run.run([*argv, "-f", "qcow2", "-O", "raw", source_view, target])
+            views.close()
+            yield new
 
 
 def _refit_copy(cluster: Cluster, dest: RbdRef, opts: RefitOptions) -> RefitResult:

@@ -240,10 +240,10 @@ def _in_ceph(args: argparse.Namespace, src: source.SourceImage) -> Any:
             ref.spec(),
         )
         return None
-    if src.format is not ImageFormat.RAW:
+    if src.format not in (ImageFormat.RAW, ImageFormat.QCOW2):
         raise CareenError(
             f"image {src.label()} is stored in Ceph as {src.format.value}; careen refits "
-            "raw RBD images in the cluster",
+            "raw and qcow2 RBD images in the cluster",
             hint="add --via-glance to download, refit and upload it through Glance",
         )
     for flag, used in (

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from glance.conftest import make_image, show
+from glance.conftest import download, make_image, show
 from integration.util import assert_fails
 from integration.verify import mounted_root
 from services.ceph import Ceph
@@ -191,6 +192,42 @@ def test_a_qcow2_from_a_file_store_is_published_into_rbd(
         assert (new["disk_format"], new["stores"]) == ("raw", "ceph1")
         assert new["id"] in cc.images_in_pool()
         assert rbd_json(cc, "info", f"{cc.ceph.pool}/{new['id']}@snap")["protected"] == "true"
+    finally:
+        for found in glance_images(cc, tag=tag):
+            cc.admin_images.delete(f"/images/{found['id']}")
+
+
+@pytest.mark.timeout(600)
+def test_a_qcow2_held_in_rbd_is_converted_in_the_cluster(
+    ceph_cloud: CephCloud, tmp_path: Path, tag: str
+) -> None:
+    from careen.samples import Layout, sample_image
+
+    cc = ceph_cloud
+    src = make_image(
+        cc.demo_images, sample_image(Layout.MBR_QCOW2), name=tag, disk_format="qcow2", tags=[tag]
+    )
+    try:
+        assert src["stores"] == "ceph1"
+        args = ["-o", "glance:", *RECIPE, "--format", "json"]
+        proc = careen_ceph(cc, tmp_path, f"glance:{src['id']}", *args)
+        assert proc.returncode == 0, proc.stderr
+        assert "Converting" in proc.stderr
+        new = show(cc.admin_images, _new(proc.stdout))
+        assert (new["disk_format"], new["status"]) == ("raw", "active")
+        assert new["locations"][0]["url"].endswith(f"/{new['id']}/snap")
+        served = download(cc.admin_images, new["id"], tmp_path / "served.raw")
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", str(served)],
+                capture_output=True,
+                check=True,
+            ).stdout
+        )
+        assert info["format"] == "raw"
+        with mounted_root(served) as root:
+            assert (root / "etc/machine-id").read_text() == ""
+        assert show(cc.admin_images, src["id"])["checksum"] == src["checksum"]
     finally:
         for found in glance_images(cc, tag=tag):
             cc.admin_images.delete(f"/images/{found['id']}")
