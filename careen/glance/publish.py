@@ -321,20 +321,10 @@ def retire(cloud: Cloud, src: SourceImage, how: Retire, suffix: str) -> str | No
     with step(f"Retiring the old image {label}: {how}"):
         if how is Retire.RENAME:
             new = f"{src.name}{suffix}"
-            patch(
-                cloud,
-                src.id,
-                [{"op": "replace", "path": "/name", "value": new}],
-                "rename the old image",
-            )
+            set_field(cloud, src.id, "name", new, "rename the old image")
             return f"old image {src.id} renamed to {new!r}"
         if how is Retire.HIDE:
-            patch(
-                cloud,
-                src.id,
-                [{"op": "replace", "path": "/os_hidden", "value": True}],
-                "hide the old image",
-            )
+            set_field(cloud, src.id, "os_hidden", True, "hide the old image")
             return f"old image {src.id} hidden (os_hidden)"
         warn = "servers booted from the old image can no longer be rebuilt or evacuated from it"
         if how is Retire.DEACTIVATE:
@@ -355,12 +345,11 @@ def retire(cloud: Cloud, src: SourceImage, how: Retire, suffix: str) -> str | No
 
 
 def take_name(cloud: Cloud, image_id: str, name: str) -> None:
-    patch(
-        cloud,
-        image_id,
-        [{"op": "replace", "path": "/name", "value": name}],
-        "give the new image the old name",
-    )
+    set_field(cloud, image_id, "name", name, "give the new image the old name")
+
+
+def set_field(cloud: Cloud, image_id: str, name: str, value: Any, what: str) -> None:
+    patch(cloud, image_id, [{"op": "replace", "path": f"/{name}", "value": value}], what)
 
 
 # --- careen cleanup --------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from integration.util import CAREEN, careen, careen_env
+from integration.util import careen, careen_env, start_paused
 from openstack.identity.v3._proxy import Proxy as IdentityV3
 from services.ceph import Ceph
 from services.cloud import Cloud, disconnect, image_v2
@@ -198,20 +197,8 @@ def paused(
         "CAREEN_TEST_PAUSE_FILE": str(marker),
         "CAREEN_TEST_RESUME": "1",
     }
-    argv = [str(CAREEN), "refit", *args, *_access(cc, "ceph-admin", ceph_conf)]
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"careen never reached {stage}"
-        time.sleep(0.1)
+    argv = ["refit", *args, *_access(cc, "ceph-admin", ceph_conf)]
+    proc = start_paused(argv, env, marker)
     return proc, marker
 
 

@@ -14,13 +14,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from integration.util import CAREEN, assert_fails, careen, careen_env
+from integration.util import assert_fails, careen, careen_env, start_paused
 from services.cloud import Cloud, disconnect, image_v2
 
 from .conftest import delete_everywhere, download, listed, make_image, sha512_file, show
@@ -45,20 +44,8 @@ def _paused(
         "CAREEN_TEST_PAUSE": stage,
         "CAREEN_TEST_PAUSE_FILE": str(marker),
     }
-    argv = [str(CAREEN), "refit", f"glance:{source_id}", "-o", f"glance:{tag}-new", *RECIPE]
-    proc = subprocess.Popen(
-        [*argv, "--os-cloud", "careen-demo"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "careen never reached the upload"
-        time.sleep(0.2)
+    argv = ["refit", f"glance:{source_id}", "-o", f"glance:{tag}-new", *RECIPE]
+    proc = start_paused([*argv, "--os-cloud", "careen-demo"], env, marker)
     return proc, marker
 
 

@@ -334,3 +334,24 @@ def ext4_symlink_target(raw: Path, path: str) -> str | None:
     match = re.search(r'Fast link dest: "(.*)"', out)
     assert match, out
     return match.group(1)
+
+
+def start_paused(
+    argv: Sequence[str], env: Mapping[str, str], marker: Path, *, timeout: float = 300
+) -> subprocess.Popen[str]:
+    """Start careen with `env` (which names a CAREEN_TEST_PAUSE stage and `marker` as its
+    pause file) and return once it waits there."""
+    proc = subprocess.Popen(
+        [str(CAREEN), *argv],
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"careen never reached {env.get('CAREEN_TEST_PAUSE')}"
+        time.sleep(0.1)
+    return proc
