@@ -30,6 +30,7 @@ from careen.accel import Accel
 from careen.attach import host
 from careen.ceph import command as ceph_command
 from careen.errors import CareenError, ExitCode, UsageError
+from careen.fleet import command as fleet_command
 from careen.glance import command as glance_command
 from careen.image.model import Disk, ImageFormat, OSInfo, Segment
 from careen.refit import (
@@ -148,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify_command.add_parser(sub)
     glance_command.add_publish_parser(sub)
+    fleet_command.add_parser(sub)
     clean = sub.add_parser("cleanup", help="undo what killed or crashed runs left behind")
     clean.add_argument("--dry-run", action="store_true", help="list what would be released")
     clean.add_argument("--format", choices=("text", "json"), default="text")
@@ -228,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.debug, args.quiet)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    if os.environ.get("CAREEN_DIE_WITH_PARENT") == "1":
+        linux.die_with_parent(signal.SIGTERM)
     try:
         if os.geteuid() == 0 and not linux.enter_private_mount_namespace():
             log.debug("no private mount namespace; mounts are visible to the host meanwhile")
@@ -251,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "cleanup":
         return _cleanup(args)
+    if args.verb == "fleet":  # the coordinator holds nothing itself; each refit journals
+        return fleet_command.run_fleet(args)
     if Backend(getattr(args, "backend", "auto")) is Backend.HOST:
         host.require_root(args.verb)  # before anything is written to the state directory
     with journal.run_journal():

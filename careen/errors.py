@@ -9,6 +9,7 @@ class ExitCode(IntEnum):
     OK = 0
     FAILURE = 1
     USAGE = 2
+    ID_TAKEN = 3  # the new image ID asked for is another image's (careen fleet)
     INTERRUPTED = 130
 
 

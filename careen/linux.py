@@ -120,6 +120,18 @@ def enter_private_mount_namespace() -> bool:
     return True
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent exits (a fleet's
+    worker whose coordinator was killed rolls back instead of publishing unobserved)."""
+    parent = os.getppid()
+    _check(_libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0), "prctl")
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signum)
+
+
 @contextmanager
 def loop_device(backing: Path, offset: int, size: int, *, read_only: bool) -> Iterator[str]:
     """Attach `size` bytes of `backing` at `offset` to a free loop device, yield its path.

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -109,7 +110,21 @@ def _add_publish_options(g: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="give the new image the old image's name after retiring it",
     )
+    g.add_argument(
+        "--new-image-id",
+        type=_uuid,
+        metavar="UUID",
+        help="the new image's ID (careen fleet derives one per attempt, so that two runs of "
+        "the same attempt collide in Glance instead of publishing twice)",
+    )
     g.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+
+
+def _uuid(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
 def wanted(args: argparse.Namespace) -> bool:
@@ -146,6 +161,7 @@ def _check_args(args: argparse.Namespace, publishing: bool) -> None:
         "--take-name": args.take_name,
         "--retire": args.retire != "keep",
         "--disk-format": args.disk_format,
+        "--new-image-id": args.new_image_id,
     }
     if not publishing and (used := [k for k, v in glance_only.items() if v]):
         raise UsageError(
@@ -186,6 +202,8 @@ def run_refit(
             source.check_space(_work_parent(args, publishing), src)
         name = source.ref_value(str(args.output)) or None
         plan = _plan(cloud, src, name, opts.recipe, out_fmt) if publishing else None
+        if plan is not None and args.new_image_id:
+            plan.body["id"] = args.new_image_id
         if in_ceph is not None and plan is not None:
             done = _refit_in_ceph(cloud, src, in_ceph, args, opts, plan)
             if done is None:
@@ -357,6 +375,8 @@ def run_publish(args: argparse.Namespace, jsonable: Callable[[object], Any]) -> 
         source.check_template(src, may_publicize=cloud.is_admin)
         fmt = _publish_format(args.disk_format or str(src.image.get("disk_format")))
         plan = _plan(cloud, src, args.name, recipe, fmt, virtual=info.virtual_size)
+        if args.new_image_id:
+            plan.body["id"] = args.new_image_id
         if recipe is None:
             plan.notes.append(
                 "no recipe named (-r): the new image records none (careen_recipe unset)"
@@ -550,6 +570,7 @@ def _publish(
         "os_hash_algo": algo,
         "os_hash_value": value,
         "members_pending": pending,
+        "size": size,
     }
     new.keep()
 

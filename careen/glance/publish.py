@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from careen import journal
-from careen.errors import CareenError
+from careen.errors import CareenError, ExitCode
 from careen.glance.cloud import JSON_PATCH, OCTET, Cloud, GlanceError
 from careen.glance.metadata import RUN_KEY
 from careen.glance.source import Progress, SourceImage
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 ACTIVE_TIMEOUT = 600.0
 JOURNAL_KIND = "glance-image"
+# What makes an image holding a derived ID the same work: its source and recipe.
+PROVENANCE_MATCH = ("careen_source_image", "careen_recipe_digest")
 
 
 class Retire(StrEnum):
@@ -77,18 +79,31 @@ class NewImage:
         self.kept = True
 
 
+class IdTaken(CareenError):
+    """The ID asked for the new image is already an image's (or was, and was deleted)."""
+
+    def __init__(self, message: str, hint: str, image: dict[str, Any] | None) -> None:
+        super().__init__(message, hint, ExitCode.ID_TAKEN)
+        self.image = image
+
+
+LEFTOVER_STATES = ("queued", "saving", "importing", "uploading")
+
+
 @contextmanager
 def queued_image(cloud: Cloud, body: dict[str, Any]) -> Iterator[NewImage]:
-    """Create the new image, and delete it again on the way out unless it was kept."""
-    new = NewImage(str(uuid.uuid4()))
+    """Create the new image, and delete it again on the way out unless it was kept.
+
+    Its ID is `body["id"]` when given (a fleet derives it, so that two runs of one attempt
+    collide in Glance instead of publishing twice), else a new random one."""
+    given = body.get("id")
+    new = NewImage(str(given or uuid.uuid4()))
     with critical():  # journaled and created before Ctrl-C can strike
         handle = journal.record(
             JOURNAL_KIND, image_id=new.id, cloud=cloud.name, what="new Glance image"
         )
         try:
-            cloud.request(
-                "POST", "/images", what="create the new image", json={**body, "id": new.id}
-            )
+            _create(cloud, {**body, "id": new.id}, derived=given is not None)
         except GlanceError as e:
             handle.done()
             if e.status == 413:
@@ -105,6 +120,54 @@ def queued_image(cloud: Cloud, body: dict[str, Any]) -> Iterator[NewImage]:
         if not new.kept:
             _delete_quietly(cloud, new.id)
         handle.done()
+
+
+def _create(cloud: Cloud, body: dict[str, Any], *, derived: bool) -> None:
+    """POST the new image. When the ID asked for is taken, nothing is created: an
+    unfinished image of the same source and recipe there is an earlier run's leftover
+    and is deleted (Glance never gives a deleted ID out again, so the work needs a new
+    attempt either way); any other holder is reported and left alone."""
+    image_id = body["id"]
+    try:
+        cloud.request("POST", "/images", what="create the new image", json=body)
+        return
+    except GlanceError as e:
+        if e.status != 409 or not derived:
+            raise
+    found = cloud.request(
+        "GET", f"/images/{image_id}", ok=(200, 404), what="look at the image holding the ID"
+    )
+    holder: dict[str, Any] | None = found.json() if found.status_code == 200 else None
+    again = "run the work again under a new attempt (careen fleet run does)"
+    if holder is None:
+        raise IdTaken(
+            f"the image ID {image_id} was used before (Glance never gives a deleted image's "
+            "ID out again)",
+            hint=again,
+            image=None,
+        )
+    same = all(holder.get(k) == body.get(k) for k in PROVENANCE_MATCH)
+    if same and holder.get("status") in LEFTOVER_STATES:
+        log.warning(
+            "Image %s is an unfinished leftover of an earlier run (%s): deleting it",
+            image_id,
+            holder.get("status"),
+        )
+        _delete_quietly(cloud, image_id)
+        raise IdTaken(
+            f"the image ID {image_id} held an unfinished leftover of an earlier run of the "
+            "same work; it was deleted, and the ID cannot be used again",
+            hint=again,
+            image=holder,
+        )
+    raise IdTaken(
+        f"the image ID {image_id} is already taken by image {holder.get('name')!r} "
+        f"({holder.get('status')})",
+        hint="it was published by an earlier run of the same work"
+        if same and holder.get("status") == "active"
+        else "look at that image; careen leaves it alone",
+        image=holder,
+    )
 
 
 def _delete_quietly(cloud: Cloud, image_id: str) -> None:
