@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from careen import accel, journal
+from careen import accel, journal, limits
 from careen.cleanup import Resources
 from careen.errors import CareenError
 from careen.guest import sandbox
@@ -480,6 +480,7 @@ def attach(
     handle = journal.record("daemon", argv0="qemu (libguestfs appliance)", image=str(image))
     with Resources() as res:
         res.release("the libguestfs handle", g.close)
+        res.enter_context(limits.slot("appliances"))  # a fleet's limit, when it sets one
         with step(f"Launching the libguestfs appliance ({accelerator.upper()})"):
             try:
                 g.launch()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from careen import journal, run
+from careen import journal, limits, run
 from careen.ceph import images
 from careen.ceph.cluster import CephAccess, Cluster, connect
 from careen.ceph.export import rbd_view
@@ -121,7 +121,7 @@ def refit_in_cluster(
         with figures.timed("create"), step("Creating the new image record (no data yet)"):
             new = stack.enter_context(publish.queued_image(cloud, plan.body))
         dest = RbdRef(ref.pool, new.id)
-        with figures.timed("copy"):
+        with figures.timed("copy"), limits.slot("rbd-copies"):
             size = images.image_size(cluster, ref)
             if src.format is ImageFormat.QCOW2:
                 what = f"Converting {ref.spec()} (qcow2) into {dest.spec()} (raw) in the cluster"

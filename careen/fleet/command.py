@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from careen import limits
 from careen.errors import CareenError, ExitCode, UsageError
 from careen.fleet import plan as fleet_plan
 from careen.fleet import run as fleet_run
@@ -108,6 +109,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="refit and verify by boot only the next N images, then stop for a look",
     )
     r.add_argument("--retry-failed", action="store_true", help="try failed images again")
+    r.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="KIND=N",
+        help="at most N at once on this host, of: downloads, appliances, rbd-copies; or "
+        "glance-rate=N requests per second towards Glance",
+    )
     _retire_options(r)
     r.add_argument("--dry-run", action="store_true", help="print what would be handed out")
     r.add_argument("--format", choices=("text", "json"), default="text")
@@ -242,12 +251,14 @@ def _run(cloud: Any, plan: Any, paths: Any, state: Any, args: argparse.Namespace
         retry_failed=args.retry_failed,
         trace=os.environ.get("CAREEN_FLEET_TRACE"),
         extra_args=refit_args if args.retire != "keep" else [],
+        env=limits.as_env(limits.parse(args.limit), paths.plan.with_suffix(".limits")),
         retire=args.retire,
     )
     paths.logs.mkdir(exist_ok=True)
     outcome = None
     try:
-        outcome = fleet_run.run(cloud, plan, paths, state, opts, echo=_echo(args.format))
+        engine = fleet_run.LocalEngine(args.jobs)
+        outcome = fleet_run.run(cloud, plan, paths, state, opts, engine, echo=_echo(args.format))
     finally:
         data = fleet_run.report(plan, state, outcome)
         fleet_run.write_report(paths, data)

@@ -17,12 +17,12 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from careen import interrupts, recover
 from careen.errors import CareenError
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # per image, counting attempts whose ID was found spent
 WAIT_FOR_ORPHANS = 120.0  # seconds a dying refit of a killed coordinator gets to roll back
-Engine = Callable[[dict[str, Any]], "Future[dict[str, Any]]"]
 
 
 @dataclass(frozen=True)
@@ -194,9 +193,49 @@ def make_task(plan: Plan, paths: Paths, row: Row, opts: RunOptions, verify: bool
     }
 
 
-def local_engine(jobs: int) -> tuple[Engine, Callable[[], None]]:
-    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="careen-fleet")
-    return (lambda t: pool.submit(fleet_task.refit_image, t)), (lambda: pool.shutdown(wait=True))
+class Engine(Protocol):
+    """Who runs the tasks: threads of this process (`LocalEngine`) or Celery workers."""
+
+    def submit(self, task: dict[str, Any], queue: str) -> Any:
+        """Start `task`; return a handle for `wait`."""
+
+    def wait(self, handles: Sequence[Any], timeout: float) -> list[tuple[Any, dict[str, Any]]]:
+        """The handles that finished within `timeout` seconds, with their results."""
+
+    def cancel(self, handles: Sequence[Any]) -> None:
+        """Ask the running tasks to stop (they roll back and report `interrupted`)."""
+
+    def close(self) -> None: ...
+
+
+class LocalEngine:
+    """`--jobs N`: N threads, each running one `careen refit` child process at a time."""
+
+    def __init__(self, jobs: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="careen-fleet")
+        self.tasks: dict[Future[dict[str, Any]], dict[str, Any]] = {}
+
+    def submit(self, task: dict[str, Any], queue: str) -> Future[dict[str, Any]]:
+        future = self.pool.submit(fleet_task.refit_image, task)
+        self.tasks[future] = task
+        return future
+
+    def wait(self, handles: Sequence[Any], timeout: float) -> list[tuple[Any, dict[str, Any]]]:
+        done, _ = wait(list(handles), timeout=timeout, return_when=FIRST_COMPLETED)
+        for f in done:
+            del self.tasks[f]
+        return [(f, f.result()) for f in done]
+
+    def cancel(self, handles: Sequence[Any]) -> None:
+        # A SIGTERM that the coordinator alone received goes on to its refits (Ctrl-C
+        # from a terminal has reached them already).
+        for handle in handles:
+            pid_path = fleet_task.pid_file(Path(self.tasks[handle]["log"]))
+            with suppress(OSError, ValueError):
+                os.kill(int(pid_path.read_text()), signal.SIGTERM)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def record_result(
@@ -243,7 +282,7 @@ def run(
     paths: Paths,
     state: State,
     opts: RunOptions,
-    engine: tuple[Engine, Callable[[], None]] | None = None,
+    engine: Engine,
     echo: Callable[[str], None] = print,
 ) -> Outcome:
     """Hand out the pending images, at most `opts.jobs` at once, and record the results."""
@@ -252,11 +291,10 @@ def run(
             state.update(row.source_id, state="pending", error=None)
     for line in reconcile(cloud, state, plan, paths):
         echo(f"reconciled: {line}")
-    submit, shutdown = engine or local_engine(opts.jobs)
     outcome = Outcome()
     failures = 0
     started = 0
-    running: dict[Future[dict[str, Any]], str] = {}
+    running: dict[Any, str] = {}
     queue = [r.source_id for r in state.rows("pending")]
     try:
         while queue or running:
@@ -265,55 +303,44 @@ def run(
                     outcome.stopped = f"canary: {started} image(s) refitted; look at them first"
                     break
                 sid = queue.pop(0)
+                entry = plan.entry(sid)
                 why = changed(cloud, plan, sid)
                 if why is not None:
                     state.update(sid, state="skipped", error=why)
-                    echo(f"skipped {sid} {plan.entry(sid).name!r}: {why}")
+                    echo(f"skipped {sid} {entry.name!r}: {why}")
                     continue
-                row = state.row(sid)
-                attempt = row.attempt + 1
+                attempt = state.row(sid).attempt + 1
                 new_id = derive_id(plan.fleet_id, sid, plan.recipe["digest"], attempt)
-                state.start(sid, attempt, new_id, worker="local")
-                row = state.row(sid)
-                running[submit(make_task(plan, paths, row, opts, opts.canary is not None))] = sid
+                state.start(sid, attempt, new_id, worker=entry.queue)
+                task = make_task(plan, paths, state.row(sid), opts, opts.canary is not None)
+                running[engine.submit(task, entry.queue)] = sid
+                echo(f"start   {sid} {entry.name!r} (attempt {attempt})")
                 started += 1
             if not running:
                 break
-            done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
-            for fut in done:
-                running_sid = running.pop(fut)
-                line = record_result(cloud, state, plan, fut.result(), opts.retire)
+            for handle, result in engine.wait(list(running), timeout=1.0):
+                sid = running.pop(handle)
+                line = record_result(cloud, state, plan, result, opts.retire)
                 outcome.finished.append(line)
                 echo(line)
                 if line.startswith("again"):
-                    queue.append(running_sid)
+                    queue.append(sid)
                 if line.startswith("failed"):
                     failures += 1
                     if opts.max_failures is not None and failures >= opts.max_failures:
                         outcome.stopped = f"{failures} failure(s): --max-failures reached"
     except interrupts.Interrupted:
         echo("stopping: waiting for the running refits to roll back")
-        _stop_children(paths, state)
-        for fut in list(running):
-            try:
-                echo(record_result(cloud, state, plan, fut.result(), opts.retire))
-            except Exception as e:
-                log.error("a refit ended with %s", e)
+        engine.cancel(list(running))
+        deadline = time.monotonic() + WAIT_FOR_ORPHANS
+        while running and time.monotonic() < deadline:
+            for handle, result in engine.wait(list(running), timeout=1.0):
+                running.pop(handle)
+                echo(record_result(cloud, state, plan, result, opts.retire))
         raise
     finally:
-        shutdown()
+        engine.close()
     return outcome
-
-
-def _stop_children(paths: Paths, state: State) -> None:
-    """Forward a SIGTERM the coordinator alone received to its refits (Ctrl-C from a
-    terminal has reached them already)."""
-    for row in state.rows("running"):
-        try:
-            pid = int(fleet_task.pid_file(paths.log(row.source_id, row.attempt)).read_text())
-            os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
 
 
 # --- report ----------------------------------------------------------------------------

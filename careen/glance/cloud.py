@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from careen import limits
 from careen.errors import CareenError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Cloud:
         what: str,
         **kwargs: Any,
     ) -> Any:
+        limits.pace()  # a fleet's Glance request rate, when it sets one
         try:
             response = self._api().request(path, method, raise_exc=False, **kwargs)
         except CareenError:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from careen import __version__, journal
+from careen import __version__, journal, limits
 from careen.errors import CareenError, ExitCode, UsageError
 from careen.glance import metadata, publish, source
 from careen.glance.cloud import Cloud, connect
@@ -493,7 +493,11 @@ def _refit_and_publish(
         local = stack.enter_context(
             _work_file(work / f"source.{src.image['disk_format']}", "downloaded Glance image")
         )
-        with ExitStack() as bar, step(f"Downloading image {src.label()} ({src.size >> 20} MiB)"):
+        with (
+            limits.slot("downloads"),
+            ExitStack() as bar,
+            step(f"Downloading image {src.label()} ({src.size >> 20} MiB)"),
+        ):
             source.download(cloud, src, local, progress_bar("download", src.size, bar))
         probe.probe_image(local, expected_format=src.format)
         if plan is None:

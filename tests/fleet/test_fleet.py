@@ -168,6 +168,10 @@ def test_fleet_run_in_parallel_then_retire_and_roll_back(
         str(out),
         "--jobs",
         "3",
+        "--limit",
+        "downloads=2",
+        "--limit",
+        "glance-rate=50",
         "--format",
         "json",
         env={"CAREEN_FLEET_TRACE": str(trace)},
@@ -199,6 +203,12 @@ def test_fleet_run_in_parallel_then_retire_and_roll_back(
     rows = list(csv.reader(out.with_suffix(".report.csv").open()))
     assert rows[0][0] == "result" and len(rows) == 1 + 7
     assert 2 <= trace_overlap(trace) <= 3
+    # The limits reached the refits: their slot files and the rate's time stamp.
+    assert sorted(p.name for p in out.with_suffix(".limits").iterdir()) == [
+        "downloads.0",
+        "downloads.1",
+        "glance-rate",
+    ]
     made = new_images(fleet.cloud, digest)
     assert sorted(i["careen_source_image"] for i in made) == sorted(good)
     for image in made:
