@@ -7,12 +7,12 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from careen import limits
 from careen.errors import CareenError, ExitCode, UsageError
+from careen.fleet import display as fleet_display
 from careen.fleet import plan as fleet_plan
 from careen.fleet import run as fleet_run
 from careen.fleet import select
@@ -258,7 +258,10 @@ def _run(cloud: Any, plan: Any, paths: Any, state: Any, args: argparse.Namespace
     outcome = None
     try:
         engine = fleet_run.LocalEngine(args.jobs)
-        outcome = fleet_run.run(cloud, plan, paths, state, opts, engine, echo=_echo(args.format))
+        so_far = state.counts()
+        finished = sum(n for s, n in so_far.items() if s not in ("pending", "running"))
+        display = fleet_display.for_run(args.format, len(plan.images), finished)
+        outcome = fleet_run.run(cloud, plan, paths, state, opts, engine, display)
     finally:
         data = fleet_run.report(plan, state, outcome)
         fleet_run.write_report(paths, data)
@@ -276,13 +279,6 @@ def _run(cloud: Any, plan: Any, paths: Any, state: Any, args: argparse.Namespace
             hint="see the report; fix the cause and run again with --retry-failed",
         )
     return ExitCode.OK
-
-
-def _echo(fmt: str) -> Any:
-    """Where lines about each image go: stdout, or stderr when stdout carries JSON."""
-    if fmt == "json":
-        return lambda line: print(line, file=sys.stderr, flush=True)
-    return lambda line: print(line, flush=True)
 
 
 def _dry_run(plan: fleet_plan.Plan, paths: fleet_run.Paths, args: argparse.Namespace) -> int:

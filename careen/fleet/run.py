@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from careen import interrupts, recover
 from careen.errors import CareenError
 from careen.fleet import task as fleet_task
+from careen.fleet.display import Lines
 from careen.fleet.plan import Plan
 from careen.fleet.state import Row, State, derive_id
 from careen.glance import publish
@@ -283,14 +284,15 @@ def run(
     state: State,
     opts: RunOptions,
     engine: Engine,
-    echo: Callable[[str], None] = print,
+    display: Lines | None = None,
 ) -> Outcome:
     """Hand out the pending images, at most `opts.jobs` at once, and record the results."""
+    show = display or Lines(print)
     if opts.retry_failed:
         for row in state.rows("failed"):
             state.update(row.source_id, state="pending", error=None)
     for line in reconcile(cloud, state, plan, paths):
-        echo(f"reconciled: {line}")
+        show.say(f"reconciled: {line}")
     outcome = Outcome()
     failures = 0
     started = 0
@@ -307,14 +309,14 @@ def run(
                 why = changed(cloud, plan, sid)
                 if why is not None:
                     state.update(sid, state="skipped", error=why)
-                    echo(f"skipped {sid} {entry.name!r}: {why}")
+                    show.say(f"skipped {sid} {entry.name!r}: {why}")
                     continue
                 attempt = state.row(sid).attempt + 1
                 new_id = derive_id(plan.fleet_id, sid, plan.recipe["digest"], attempt)
                 state.start(sid, attempt, new_id, worker=entry.queue)
                 task = make_task(plan, paths, state.row(sid), opts, opts.canary is not None)
                 running[engine.submit(task, entry.queue)] = sid
-                echo(f"start   {sid} {entry.name!r} (attempt {attempt})")
+                show.started(sid, entry.name, attempt)
                 started += 1
             if not running:
                 break
@@ -322,7 +324,7 @@ def run(
                 sid = running.pop(handle)
                 line = record_result(cloud, state, plan, result, opts.retire)
                 outcome.finished.append(line)
-                echo(line)
+                show.ended(sid, line)
                 if line.startswith("again"):
                     queue.append(sid)
                 if line.startswith("failed"):
@@ -330,16 +332,17 @@ def run(
                     if opts.max_failures is not None and failures >= opts.max_failures:
                         outcome.stopped = f"{failures} failure(s): --max-failures reached"
     except interrupts.Interrupted:
-        echo("stopping: waiting for the running refits to roll back")
+        show.say("stopping: waiting for the running refits to roll back")
         engine.cancel(list(running))
         deadline = time.monotonic() + WAIT_FOR_ORPHANS
         while running and time.monotonic() < deadline:
             for handle, result in engine.wait(list(running), timeout=1.0):
-                running.pop(handle)
-                echo(record_result(cloud, state, plan, result, opts.retire))
+                sid = running.pop(handle)
+                show.ended(sid, record_result(cloud, state, plan, result, opts.retire))
         raise
     finally:
         engine.close()
+        show.close()
     return outcome
 
 
