@@ -366,3 +366,22 @@ def test_a_derived_id_that_is_taken(fleet: Fleet, fleet_careen: Any, tmp_path: P
     assert [i["id"] for i in new_images(fleet.cloud, digest)] == [published]
     for image_id in (published, foreign):
         assert admin.delete(f"/images/{image_id}").status_code == 204
+
+
+@pytest.mark.timeout(600)
+def test_a_canary_is_verified_by_boot_before_publishing_and_the_run_stops(
+    fleet: Fleet, fleet_careen: Any, tmp_path: Path
+) -> None:
+    # The fleet's good images have no kernel of their own: verification refuses them
+    # before booting, so the canary fails, nothing is published, and the run stops.
+    recipe, digest = fleet_recipe(tmp_path, "canary")
+    out = tmp_path / "canary.json"
+    plan(fleet_careen, out, "-w", "name~^fleet-cent-", recipe=str(recipe))
+    proc = fleet_careen("fleet", "run", str(out), "--canary", "1", "--format", "json")
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    (failed,) = report["failed"]
+    assert "no bootable kernel" in failed["error"]
+    assert report["stopped"] == "canary: 1 image(s) refitted; look at them first"
+    assert [p["state"] for p in report["pending"]] == ["pending"]
+    assert new_images(fleet.cloud, digest) == []
