@@ -76,10 +76,11 @@ class Cloud:
         options: Mapping[str, Mapping[str, str]] = {},
         backends: Mapping[str, str] = {},
         env: Mapping[str, str] = {},
+        access_log: Path | None = None,
     ) -> Iterator[Glance]:
         """A second Glance against the same Keystone, with its own database and store, for
         a test that needs other settings (not in the catalog: connect with
-        `image_endpoint_override`)."""
+        `image_endpoint_override`); `access_log` as in `start_glance`."""
         with start_glance(
             root,
             self.glance_auth,
@@ -87,6 +88,7 @@ class Cloud:
             options=options,
             backends=backends,
             env=env,
+            access_log=access_log,
         ) as glance:
             yield glance
 

@@ -118,13 +118,15 @@ def start_glance(
     image_property_quota: int | None = None,
     env: Mapping[str, str] = {},
     timeout: float = 60,
+    access_log: Path | None = None,
 ) -> Iterator[Glance]:
     """Serve a Glance with all of its state under `root` (created).
 
     `backends` adds stores to `enabled_backends` (name: kind); `options` adds or replaces
     options by section, after everything else (so it can also change `DEFAULT`);
     `image_property_quota` lowers the number of properties an image may have (Glance's
-    default is 128); `env` adds to the service's environment (a `CEPH_CONF`, say).
+    default is 128); `env` adds to the service's environment (a `CEPH_CONF`, say);
+    `access_log` is a file where gunicorn logs every request (see `gunicorn_argv`).
     """
     venv = service_venv("glance")
     root.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,9 @@ def start_glance(
         log=log,
         cwd=root,
     )
-    argv = gunicorn_argv(venv, "glance.wsgi.api:application", port, root, threads=8)
+    argv = gunicorn_argv(
+        venv, "glance.wsgi.api:application", port, root, threads=8, access_log=access_log
+    )
     daemon = start_daemon("glance", argv, env=service, log=log, cwd=root)
     try:
         wait_http(daemon, f"{url}/healthcheck", timeout=timeout)

@@ -265,9 +265,27 @@ def wait_http(daemon: Daemon, url: str, *, timeout: float, ok: Sequence[int] = (
         time.sleep(0.1)
 
 
-def gunicorn_argv(venv: Path, app: str, port: int, state: Path, *, threads: int = 4) -> list[str]:
+# One access-log line per request: method, the path as the client sent it (RAW_URI: the
+# application may rewrite PATH_INFO, as Glance's version negotiation does), status,
+# response body bytes and the request's Content-Length ("-" without one), user agent.
+ACCESS_LOG_FORMAT = '%(m)s %({raw_uri}e)s %(s)s %(B)s %({content-length}i)s "%(a)s"'
+
+
+def gunicorn_argv(
+    venv: Path,
+    app: str,
+    port: int,
+    state: Path,
+    *,
+    threads: int = 4,
+    access_log: Path | None = None,
+) -> list[str]:
     """A gunicorn serving `app` on 127.0.0.1:`port` with one threaded worker, its pid file
-    and heartbeat files under `state`, and no control socket (it would go under $HOME)."""
+    and heartbeat files under `state`, and no control socket (it would go under $HOME).
+    With `access_log`, every request is logged there in `ACCESS_LOG_FORMAT`."""
+    access: list[str] = []
+    if access_log is not None:
+        access = ["--access-logfile", str(access_log), "--access-logformat", ACCESS_LOG_FORMAT]
     return [
         str(venv / "bin" / "gunicorn"),
         "--bind",
@@ -289,5 +307,6 @@ def gunicorn_argv(venv: Path, app: str, port: int, state: Path, *, threads: int 
         str(state / "gunicorn.pid"),
         "--error-logfile",
         "-",
+        *access,
         app,
     ]
