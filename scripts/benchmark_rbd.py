@@ -74,7 +74,6 @@ from careen.samples import Layout, sample_image
 STORE = "ceph1"
 SNAP = "snap"
 RECIPE = "reset-identity"
-DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 CHUNK = 4 << 20
 RUN_TIMEOUT = 900.0
@@ -244,31 +243,6 @@ class Bench:
         return Traffic([parse_access_line(line) for line in lines if line.strip()])
 
 
-def _bindings(root: Path) -> Path:
-    """Links to Debian's rados and rbd modules, for Glance's venv to import."""
-    links = root / "ceph-bindings"
-    links.mkdir(parents=True, exist_ok=True)
-    for module in ("rados", "rbd"):
-        found = sorted(DIST_PACKAGES.glob(f"{module}.cpython-*.so"))
-        if not found:
-            raise BenchError(f"no {module} module in {DIST_PACKAGES}: run scripts/setup --tests")
-        (links / found[0].name).symlink_to(found[0])
-    return links
-
-
-def glance_options(ceph: Ceph) -> dict[str, dict[str, str]]:
-    return {
-        "glance_store": {"default_backend": STORE},
-        STORE: {
-            "rbd_store_pool": ceph.pool,
-            "rbd_store_user": ceph.glance.id,
-            "rbd_store_ceph_conf": str(ceph.conf),
-            "rbd_thin_provisioning": "True",
-            "rados_connect_timeout": "30",
-        },
-    }
-
-
 def write_clouds_yaml(cloud: Cloud, glance: Glance, dest: Path) -> None:
     import yaml
 
@@ -288,12 +262,12 @@ def services(root: Path) -> Iterator[Bench]:
         ceph = stack.enter_context(start_ceph(root / "ceph"))
         progress("starting Glance with the rbd store ...")
         access_log = root / "glance-rbd-access.log"
-        env = {"PYTHONPATH": str(_bindings(root)), "CEPH_CONF": str(ceph.conf)}
+        env = ceph.glance_env(root)
         glance = stack.enter_context(
             cloud.another_glance(
                 root / "glance-rbd",
                 backends={STORE: "rbd"},
-                options=glance_options(ceph),
+                options=ceph.glance_store_options(STORE),
                 env=env,
                 access_log=access_log,
             )
@@ -785,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 text = report(bench, args.rounds, results, facts)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    except (BenchError, subprocess.TimeoutExpired) as e:
+    except (BenchError, NotInstalled, subprocess.TimeoutExpired) as e:
         print(f"benchmark: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -28,7 +28,6 @@ from services.glance import Glance
 
 from careen.samples import Layout, sample_image
 
-DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 STORE = "ceph1"
 
 
@@ -52,19 +51,6 @@ class CephCloud:
         return list(yaml.safe_load(out))
 
 
-def _bindings(root: Path) -> Path:
-    """A directory holding links to Debian's rados and rbd modules."""
-    links = root / "ceph-bindings"
-    links.mkdir(parents=True, exist_ok=True)
-    for module in ("rados", "rbd"):
-        found = sorted(DIST_PACKAGES.glob(f"{module}.cpython-*.so"))
-        assert found, f"no {module} module in {DIST_PACKAGES}: run scripts/setup --tests"
-        target = links / found[0].name
-        if not target.exists():
-            target.symlink_to(found[0])
-    return links
-
-
 @contextmanager
 def ceph_glance(
     cloud: Cloud,
@@ -75,18 +61,8 @@ def ceph_glance(
     """A Glance on the session's Keystone whose default store is `ceph`'s pool, with
     `more` options, and a clouds.yaml for it: ceph-admin, ceph-demo, and ceph-service (the
     Glance service user, who has the service role)."""
-    options = {
-        "glance_store": {"default_backend": STORE},
-        STORE: {
-            "rbd_store_pool": ceph.pool,
-            "rbd_store_user": ceph.glance.id,
-            "rbd_store_ceph_conf": str(ceph.conf),
-            "rbd_thin_provisioning": "True",
-            "rados_connect_timeout": "30",
-        },
-        **more,
-    }
-    env = {"PYTHONPATH": str(_bindings(root)), "CEPH_CONF": str(ceph.conf)}
+    options = {**ceph.glance_store_options(STORE), **more}
+    env = ceph.glance_env(root)
     with cloud.another_glance(
         root / "glance", backends={STORE: "rbd"}, options=options, env=env
     ) as glance:

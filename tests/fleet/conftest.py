@@ -76,112 +76,58 @@ def fleet(cloud: Cloud, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
         corrupt.write_bytes(f.read(4 << 20))
     noroot = _noroot_image(work / "noroot.raw")
     admin, demo = cloud.admin_images, cloud.demo_images
-    common = {"disk_format": "qcow2", "tags": [TAG]}
+    digest = load_recipe("reset-identity").digest
+    # name: (who makes it, its data, its fields besides the defaults below)
+    table: dict[str, tuple[Any, Path, dict[str, Any]]] = {
+        "deb-private": (admin, good, {"os_distro": "debian", "visibility": "private"}),
+        "deb-public": (
+            admin,
+            good,
+            {"os_distro": "debian", "visibility": "public", "tags": [TAG, "gold"]},
+        ),
+        "deb-demo": (
+            demo,
+            good,
+            {"os_distro": "debian", "visibility": "private", "os_version": "12"},
+        ),
+        "cent-shared": (admin, good, {"os_distro": "centos", "visibility": "shared"}),
+        "cent-community": (admin, good, {"os_distro": "centos", "visibility": "community"}),
+        "deb-hidden": (
+            admin,
+            good,
+            {"os_distro": "debian", "visibility": "private", "os_hidden": True},
+        ),
+        "refit-product": (
+            admin,
+            good,
+            {
+                "name": "fleet-deb-private-refit",
+                "os_distro": "debian",
+                "careen_source_image": IDS["deb-private"],
+                "careen_recipe_digest": digest,
+            },
+        ),
+        "broken-corrupt": (admin, corrupt, {}),
+        "broken-noroot": (admin, noroot, {"disk_format": "raw"}),
+        "broken-deactivated": (admin, good, {}),
+        "other": (
+            admin,
+            noroot,
+            {"name": "other-image", "os_distro": "debian", "disk_format": "raw", "tags": []},
+        ),
+    }
     made: dict[str, dict[str, Any]] = {}
-    made["deb-private"] = make_image(
-        admin,
-        good,
-        id=IDS["deb-private"],
-        name="fleet-deb-private",
-        os_distro="debian",
-        visibility="private",
-        **common,
-    )
-    made["deb-public"] = make_image(
-        admin,
-        good,
-        id=IDS["deb-public"],
-        name="fleet-deb-public",
-        os_distro="debian",
-        visibility="public",
-        disk_format="qcow2",
-        tags=[TAG, "gold"],
-    )
-    made["deb-demo"] = make_image(
-        demo,
-        good,
-        id=IDS["deb-demo"],
-        name="fleet-deb-demo",
-        os_distro="debian",
-        visibility="private",
-        os_version="12",
-        **common,
-    )
-    made["cent-shared"] = make_image(
-        admin,
-        good,
-        id=IDS["cent-shared"],
-        name="fleet-cent-shared",
-        os_distro="centos",
-        visibility="shared",
-        **common,
-    )
-    made["cent-community"] = make_image(
-        admin,
-        good,
-        id=IDS["cent-community"],
-        name="fleet-cent-community",
-        os_distro="centos",
-        visibility="community",
-        **common,
-    )
-    made["deb-hidden"] = make_image(
-        admin,
-        good,
-        id=IDS["deb-hidden"],
-        name="fleet-deb-hidden",
-        os_distro="debian",
-        visibility="private",
-        os_hidden=True,
-        **common,
-    )
-    made["refit-product"] = make_image(
-        admin,
-        good,
-        id=IDS["refit-product"],
-        name="fleet-deb-private-refit",
-        os_distro="debian",
-        visibility="private",
-        careen_source_image=IDS["deb-private"],
-        careen_recipe_digest=load_recipe("reset-identity").digest,
-        **common,
-    )
-    made["broken-corrupt"] = make_image(
-        admin,
-        corrupt,
-        id=IDS["broken-corrupt"],
-        name="fleet-broken-corrupt",
-        visibility="private",
-        **common,
-    )
-    made["broken-noroot"] = make_image(
-        admin,
-        noroot,
-        id=IDS["broken-noroot"],
-        name="fleet-broken-noroot",
-        visibility="private",
-        disk_format="raw",
-        tags=[TAG],
-    )
-    made["broken-deactivated"] = make_image(
-        admin,
-        good,
-        id=IDS["broken-deactivated"],
-        name="fleet-broken-deactivated",
-        visibility="private",
-        **common,
-    )
+    for name, (api, data, fields) in table.items():
+        body = {
+            "name": f"fleet-{name}",
+            "disk_format": "qcow2",
+            "visibility": "private",
+            "tags": [TAG],
+            **fields,
+        }
+        made[name] = make_image(api, data, id=IDS[name], **body)
     r = admin.post(f"/images/{IDS['broken-deactivated']}/actions/deactivate")
     assert r.status_code == 204, r.text
-    made["other"] = make_image(
-        admin,
-        noroot,
-        id=IDS["other"],
-        name="other-image",
-        os_distro="debian",
-        visibility="private",
-        disk_format="raw",
-    )
     made = {k: show(admin, v["id"]) for k, v in made.items()}
     yield Fleet(cloud, made)
     delete_everywhere(cloud, tag=TAG)

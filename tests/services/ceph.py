@@ -33,6 +33,7 @@ from typing import Any
 
 from .process import (
     Daemon,
+    NotInstalled,
     ServiceError,
     free_port,
     log_tail,
@@ -54,6 +55,7 @@ CLIENT_TIMEOUT = 30
 # Programs the cluster needs; a host without them cannot run it.
 BINARIES = ("ceph", "ceph-mon", "ceph-mgr", "ceph-osd", "monmaptool", "rbd")
 ADMIN_CAPS = {"mon": "allow *", "osd": "allow *", "mgr": "allow *", "mds": "allow *"}
+DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 # What the Ceph documentation gives OpenStack's services for their pool.
 RBD_CAPS = {
     "mon": "profile rbd",
@@ -113,6 +115,34 @@ class Ceph:
     def env(self) -> dict[str, str]:
         """For a client started by a test (added to its environment)."""
         return {"CEPH_CONF": str(self.conf)}
+
+    def glance_env(self, root: Path) -> dict[str, str]:
+        """What a Glance needs in its environment to use the cluster: this ceph.conf, and
+        Debian's rados and rbd modules (linked under `root`) on its venv's path."""
+        links = root / "ceph-bindings"
+        links.mkdir(parents=True, exist_ok=True)
+        for module in ("rados", "rbd"):
+            found = sorted(DIST_PACKAGES.glob(f"{module}.cpython-*.so"))
+            if not found:
+                raise NotInstalled(f"no {module} module in {DIST_PACKAGES}: scripts/setup --tests")
+            target = links / found[0].name
+            if not target.exists():
+                target.symlink_to(found[0])
+        return {"PYTHONPATH": str(links), "CEPH_CONF": str(self.conf)}
+
+    def glance_store_options(self, store: str) -> dict[str, dict[str, str]]:
+        """Glance options that make `store` (an `rbd` backend) the pool, as client.glance,
+        thin-provisioned, and the default store."""
+        return {
+            "glance_store": {"default_backend": store},
+            store: {
+                "rbd_store_pool": self.pool,
+                "rbd_store_user": self.glance.id,
+                "rbd_store_ceph_conf": str(self.conf),
+                "rbd_thin_provisioning": "True",
+                "rados_connect_timeout": "30",
+            },
+        }
 
     def rbd_uri(self, image: str, user: CephUser | None = None) -> str:
         """qemu's name for `image` in the pool, as `user` (client.careen by default)."""
