@@ -141,6 +141,8 @@ def check_quota(cloud: Cloud, plan: Plan) -> list[str]:
     if found.status_code == 404:
         return ["the cloud does not report image quota usage; the quota was not checked"]
     usage: dict[str, Any] = found.json().get("usage", {})
+    if not usage:
+        return ["the cloud enforces no image quota through Keystone (unified limits are off)"]
     need = {
         "image_count_total": len(plan.images),
         "image_size_total": sum(e.size for e in plan.images) // MiB,

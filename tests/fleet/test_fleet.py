@@ -123,6 +123,9 @@ def test_each_filter_selects_exactly_its_images_and_plan_changes_nothing(
     assert src["stores"] == FILE_STORE and entry["stores"] == [FILE_STORE]
     assert entry["queue"] == "east"
     assert entry["why"] == ["name=fleet-deb-public"]
+    assert data["warnings"] == [
+        "the cloud enforces no image quota through Keystone (unified limits are off)"
+    ]
     assert json.loads(out.read_text())["fleet_id"] == data["fleet_id"]
     bad = fleet_careen("fleet", "plan", "-o", str(out), "--force", "-w", "created=yesterday")
     assert bad.returncode == 2 and "created<DATE" in bad.stderr, bad.stderr
