@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from glance.conftest import listed, show
 from integration.util import CAREEN, careen_env
+from services.cloud import disconnect, image_v2
 from services.glance import FILE_STORE
+from services.keystone import identity_v3
 
 from careen.fleet.state import derive_id
 
@@ -388,3 +391,97 @@ def test_a_canary_is_verified_by_boot_before_publishing_and_the_run_stops(
     assert report["stopped"] == "canary: 1 image(s) refitted; look at them first"
     assert [p["state"] for p in report["pending"]] == ["pending"]
     assert new_images(fleet.cloud, digest) == []
+
+
+@pytest.mark.timeout(300)
+def test_plan_warns_when_the_image_quota_cannot_hold_the_fleet(
+    fleet: Fleet, fleet_careen: Any, tmp_path: Path
+) -> None:
+    # A Glance that enforces Keystone's unified limits: two images a project by default.
+    cloud = fleet.cloud
+    region = cloud.glance_auth.region
+    conn = cloud.keystone.connect_admin()
+    identity = identity_v3(conn)
+    service = identity.create_service(name="glance-quota", type="image-quota")
+    made: list[Any] = []
+    user = identity.find_user(cloud.glance_auth.username, ignore_missing=False)
+    reader = identity.find_role("reader", ignore_missing=False)
+    try:
+        endpoint = identity.create_endpoint(
+            service_id=service.id, interface="public", url="http://127.0.0.1:9", region_id=region
+        )
+        identity.assign_system_role_to_user(user, reader, "all")
+        limits = {
+            "image_count_total": 2,
+            "image_size_total": 1000,
+            "image_stage_total": 1000,
+            "image_count_uploading": 10,
+        }
+        for name, value in limits.items():
+            made.append(
+                identity.create_registered_limit(
+                    service_id=service.id,
+                    region_id=region,
+                    resource_name=name,
+                    default_limit=value,
+                )
+            )
+        options = {
+            "DEFAULT": {"use_keystone_limits": "True"},
+            "oslo_limit": {
+                "auth_type": "password",
+                "auth_url": cloud.glance_auth.auth_url,
+                "username": cloud.glance_auth.username,
+                "password": cloud.glance_auth.password,
+                "user_domain_id": "default",
+                "system_scope": "all",
+                "endpoint_id": str(endpoint.id),
+            },
+        }
+        with cloud.another_glance(tmp_path / "g2", options=options) as g2:
+            entry = yaml.safe_load(cloud.clouds_yaml.read_text())["clouds"]["careen-demo"]
+            clouds = tmp_path / "clouds.yaml"
+            clouds.write_text(
+                yaml.safe_dump({"clouds": {"g2": {**entry, "image_endpoint_override": g2.url}}})
+            )
+            demo = cloud.connect(cloud.demo_cloud, image_endpoint_override=g2.url)
+            images = image_v2(demo)
+            try:
+                for n in range(2):
+                    r = images.post(
+                        "/images",
+                        json={
+                            "name": f"quota-{n}",
+                            "disk_format": "raw",
+                            "container_format": "bare",
+                        },
+                    )
+                    assert r.status_code == 201, r.text
+                out = tmp_path / "quota.json"
+                proc = fleet_careen(
+                    "fleet",
+                    "plan",
+                    "-o",
+                    str(out),
+                    "--os-cloud",
+                    "g2",
+                    "-w",
+                    "name=quota-*",
+                    "--format",
+                    "json",
+                    env={"OS_CLIENT_CONFIG_FILE": str(clouds)},
+                )
+                assert proc.returncode == 0, proc.stderr
+                warnings = json.loads(proc.stdout)["warnings"]
+                assert warnings == [
+                    "quota image_count_total: 0 left, the fleet needs 2 (images that do not "
+                    "fit will fail)"
+                ]
+            finally:
+                disconnect(demo)
+    finally:
+        for limit in made:
+            identity.delete_registered_limit(limit)
+        identity.unassign_system_role_from_user(user, reader, "all")
+        identity.delete_service(service)
+        disconnect(conn)
