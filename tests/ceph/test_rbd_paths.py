@@ -231,3 +231,38 @@ def test_a_qcow2_held_in_rbd_is_converted_in_the_cluster(
     finally:
         for found in glance_images(cc, tag=tag):
             cc.admin_images.delete(f"/images/{found['id']}")
+
+
+@pytest.mark.timeout(300)
+def test_a_fleet_plan_checks_the_pool_behind_the_store(
+    ceph_cloud: CephCloud, shared_source: dict[str, Any], tmp_path: Path
+) -> None:
+    """`fleet plan --pool STORE=POOL` reads the pool's free space as client.careen."""
+    cc = ceph_cloud
+    df = json.loads(cc.ceph.run("ceph", "df", "--format", "json"))
+    avail = {p["name"]: int(p["stats"]["max_avail"]) for p in df["pools"]}[cc.ceph.pool]
+    assert avail > shared_source["virtual_size"]  # the 4 GiB OSD holds one more copy
+
+    def plan(pool: str) -> list[str]:
+        out = tmp_path / f"{pool}.json"
+        proc = careen_ceph(
+            cc,
+            tmp_path,
+            "plan",
+            "-o",
+            str(out),
+            "-w",
+            f"name={shared_source['name']}",
+            "--pool",
+            f"ceph1={pool}",
+            "--format",
+            "json",
+            verb="fleet",
+        )
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        assert [e["id"] for e in data["images"]] == [shared_source["id"]]
+        return [w for w in data["warnings"] if "quota" not in w]
+
+    assert plan(cc.ceph.pool) == []
+    assert plan("nosuchpool") == ["pool nosuchpool does not exist in the cluster"]
