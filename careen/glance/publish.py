@@ -223,9 +223,14 @@ def upload(
     data = _chunks(path, list(digests.values()), progress)
     headers = {"Content-Type": OCTET}
     if use_import:
-        cloud.request(
-            "PUT", f"/images/{image_id}/stage", what="stage the data", data=data, headers=headers
-        )
+        with _refusal_explained(cloud, image_id):
+            cloud.request(
+                "PUT",
+                f"/images/{image_id}/stage",
+                what="stage the data",
+                data=data,
+                headers=headers,
+            )
         body: dict[str, Any] = {"method": {"name": "glance-direct"}}
         if store:
             body["stores"] = [store]
@@ -239,10 +244,36 @@ def upload(
     else:
         if store:
             headers["X-Image-Meta-Store"] = store
-        cloud.request(
-            "PUT", f"/images/{image_id}/file", what="upload the data", data=data, headers=headers
-        )
+        with _refusal_explained(cloud, image_id):
+            cloud.request(
+                "PUT",
+                f"/images/{image_id}/file",
+                what="upload the data",
+                data=data,
+                headers=headers,
+            )
     return {algo: h.hexdigest() for algo, h in digests.items()}
+
+
+@contextmanager
+def _refusal_explained(cloud: Cloud, image_id: str) -> Iterator[None]:
+    """A Glance that refuses the data part-way (a size cap, a storage quota) may close the
+    connection before its answer can be read: say so, with what Glance made of the image."""
+    try:
+        yield
+    except GlanceError:
+        raise
+    except CareenError as e:
+        found = cloud.request(
+            "GET", f"/images/{image_id}", ok=(200, 404), what="look at the new image"
+        )
+        status = found.json().get("status") if found.status_code == 200 else "gone"
+        raise CareenError(
+            f"the connection broke while sending the data ({e.message}); Glance left the new "
+            f"image {status}",
+            hint="Glance may have refused the data part-way: an image size cap "
+            "(image_size_cap) or a storage quota; see the cloud's limits and Glance's log",
+        ) from e
 
 
 def wait_active(cloud: Cloud, image_id: str, timeout: float = ACTIVE_TIMEOUT) -> dict[str, Any]:
