@@ -31,6 +31,7 @@ from careen.attach import host
 from careen.ceph import command as ceph_command
 from careen.errors import CareenError, ExitCode, UsageError
 from careen.fleet import command as fleet_command
+from careen.fleet import worker as worker_command
 from careen.glance import command as glance_command
 from careen.image.model import Disk, ImageFormat, OSInfo, Segment
 from careen.refit import (
@@ -150,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     verify_command.add_parser(sub)
     glance_command.add_publish_parser(sub)
     fleet_command.add_parser(sub)
+    worker_command.add_parser(sub)
     clean = sub.add_parser("cleanup", help="undo what killed or crashed runs left behind")
     clean.add_argument("--dry-run", action="store_true", help="list what would be released")
     clean.add_argument("--format", choices=("text", "json"), default="text")
@@ -257,6 +259,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cleanup(args)
     if args.verb == "fleet":  # the coordinator holds nothing itself; each refit journals
         return fleet_command.run_fleet(args)
+    if args.verb == "worker":  # nor does a worker
+        return worker_command.run_worker(args)
     if Backend(getattr(args, "backend", "auto")) is Backend.HOST:
         host.require_root(args.verb)  # before anything is written to the state directory
     with journal.run_journal():

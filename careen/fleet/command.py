@@ -117,6 +117,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="at most N at once on this host, of: downloads, appliances, rbd-copies; or "
         "glance-rate=N requests per second towards Glance",
     )
+    r.add_argument(
+        "--engine",
+        choices=("local", "celery"),
+        default="local",
+        help="who refits: this host (--jobs at once), or careen workers through RabbitMQ, "
+        "each image on its plan entry's queue (--jobs outstanding at once)",
+    )
+    r.add_argument(
+        "--broker", metavar="URL", help="the RabbitMQ URL for --engine celery (or CAREEN_BROKER)"
+    )
     _retire_options(r)
     r.add_argument("--dry-run", action="store_true", help="print what would be handed out")
     r.add_argument("--format", choices=("text", "json"), default="text")
@@ -257,7 +267,7 @@ def _run(cloud: Any, plan: Any, paths: Any, state: Any, args: argparse.Namespace
     paths.logs.mkdir(exist_ok=True)
     outcome = None
     try:
-        engine = fleet_run.LocalEngine(args.jobs)
+        engine = _engine(args)
         so_far = state.counts()
         finished = sum(n for s, n in so_far.items() if s not in ("pending", "running"))
         display = fleet_display.for_run(args.format, len(plan.images), finished)
@@ -279,6 +289,21 @@ def _run(cloud: Any, plan: Any, paths: Any, state: Any, args: argparse.Namespace
             hint="see the report; fix the cause and run again with --retry-failed",
         )
     return ExitCode.OK
+
+
+def _engine(args: argparse.Namespace) -> fleet_run.Engine:
+    if args.engine == "local":
+        if args.broker:
+            raise UsageError("--broker is for --engine celery")
+        return fleet_run.LocalEngine(args.jobs)
+    broker = args.broker or os.environ.get("CAREEN_BROKER")
+    if not broker:
+        raise UsageError(
+            "--engine celery needs a broker", hint="give --broker URL or set CAREEN_BROKER"
+        )
+    from careen.fleet.celery import CeleryEngine
+
+    return CeleryEngine(broker)
 
 
 def _dry_run(plan: fleet_plan.Plan, paths: fleet_run.Paths, args: argparse.Namespace) -> int:

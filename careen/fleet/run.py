@@ -115,28 +115,65 @@ def wait_for_orphans(state: State, paths: Paths, deadline: float = WAIT_FOR_ORPH
 
 def published(cloud: Cloud, row: Row, digest: str) -> dict[str, Any] | None:
     """The image the row's attempt published, if it did: active, of this source and
-    recipe, with Glance's hash (Glance computed it from the data it holds). An unfinished
-    leftover of the attempt is deleted."""
+    recipe, with Glance's hash (Glance computed it from the data it holds), finished.
+
+    Otherwise the attempt's ID is spent before the row is handed out again: an unfinished
+    image there is deleted, and an ID nobody used yet is taken and deleted at once (Glance
+    never gives a deleted ID out again). A task of that attempt still waiting in a queue,
+    or still running on a host careen cannot see, can then never publish."""
     assert row.new_id is not None
-    found = cloud.request(
-        "GET", f"/images/{row.new_id}", ok=(200, 404), what="look for an attempt's image"
-    )
-    if found.status_code == 404:
-        return None
-    image: dict[str, Any] = found.json()
-    ours = image.get("careen_source_image") == row.source_id and (
-        image.get("careen_recipe_digest") == digest
-    )
-    if not ours:
-        raise CareenError(
-            f"image {row.new_id} (derived for {row.source_id}) is not this fleet's work",
-            hint="look at that image; careen leaves it alone",
+    for _ in range(3):
+        found = cloud.request(
+            "GET", f"/images/{row.new_id}", ok=(200, 404), what="look for an attempt's image"
         )
-    if image.get("status") == "active" and image.get("os_hash_value") and "careen_run" not in image:
-        return image
-    log.warning("deleting %s, an unfinished attempt for %s", row.new_id, row.source_id)
-    cloud.request("DELETE", f"/images/{row.new_id}", ok=(204, 404), what="delete a leftover")
-    return None
+        if found.status_code == 404:
+            if _spend(cloud, row, digest):
+                return None
+            continue  # someone created it meanwhile: look at it
+        image: dict[str, Any] = found.json()
+        ours = image.get("careen_source_image") == row.source_id and (
+            image.get("careen_recipe_digest") == digest
+        )
+        if not ours:
+            raise CareenError(
+                f"image {row.new_id} (derived for {row.source_id}) is not this fleet's work",
+                hint="look at that image; careen leaves it alone",
+            )
+        finished = "careen_run" not in image and image.get("os_hash_value")
+        if image.get("status") == "active" and finished:
+            return image
+        log.warning("deleting %s, an unfinished attempt for %s", row.new_id, row.source_id)
+        cloud.request("DELETE", f"/images/{row.new_id}", ok=(204, 404), what="delete a leftover")
+        return None
+    raise CareenError(
+        f"the image ID {row.new_id} keeps changing under careen",
+        hint="another coordinator may be running this plan: stop it first",
+    )
+
+
+def _spend(cloud: Cloud, row: Row, digest: str) -> bool:
+    """Take the attempt's ID with an empty image and delete it; False when someone else's
+    image holds it by now."""
+    body = {
+        "id": row.new_id,
+        "name": f"careen-spent-attempt-{row.attempt}",
+        "disk_format": "raw",
+        "container_format": "bare",
+        "visibility": "private",
+        "os_hidden": True,
+        "careen_source_image": row.source_id,
+        "careen_recipe_digest": digest,
+    }
+    made = cloud.request(
+        "POST", "/images", ok=(201, 409), what="spend an attempt's image ID", json=body
+    )
+    if made.status_code == 409:
+        gone = cloud.request(
+            "GET", f"/images/{row.new_id}", ok=(200, 404), what="look for an attempt's image"
+        )
+        return bool(gone.status_code == 404)  # used and deleted before: spent already
+    cloud.request("DELETE", f"/images/{row.new_id}", ok=(204, 404), what="spend an image ID")
+    return True
 
 
 def reconcile(cloud: Cloud, state: State, plan: Plan, paths: Paths) -> list[str]:

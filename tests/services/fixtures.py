@@ -1,15 +1,18 @@
-"""The session fixtures `cloud` (a real Keystone and Glance) and `ceph` (a real Ceph),
-each started on first request.
+"""The session fixtures `cloud` (a real Keystone and Glance), `ceph` (a real Ceph) and
+`rabbitmq` (a real RabbitMQ), each started on first request.
 
 Registered for the whole suite from tests/conftest.py, so any test can ask for them; a
 run that asks for one pays its start once (Keystone and Glance with fresh databases, a
 fresh Ceph cluster), a run that does not pays nothing. While `cloud` lives,
 `OS_CLIENT_CONFIG_FILE` points at its clouds.yaml, so careen started from a test finds
 `--os-cloud careen-demo`, and the caller's own `OS_*` variables are out of the way; while
-`ceph` lives, `CEPH_CONF` points at its ceph.conf and the caller's `CEPH_ARGS` is gone.
+`ceph` lives, `CEPH_CONF` points at its ceph.conf and the caller's `CEPH_ARGS` is gone;
+`rabbitmq` gives its URL (with the password) as `url`, for workers' and coordinators'
+`CAREEN_BROKER`.
 
-A missing or stale service venv, or missing Ceph programs, skip (under CI that fails the
-run, by the suite's skip rule); a service that does not start is an error, never a skip.
+A missing or stale service venv, or missing Ceph or RabbitMQ programs, skip (under CI
+that fails the run, by the suite's skip rule); a service that does not start is an error,
+never a skip.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import pytest
 
 from .ceph import Ceph, missing_binaries, start_ceph
 from .process import NotInstalled, group_alive, service_venv
+from .rabbitmq import RabbitMQ, start_rabbitmq
+from .rabbitmq import missing_binaries as rabbitmq_missing
 
 if TYPE_CHECKING:  # openstacksdk is imported only by a run that starts the cloud
     from .cloud import Cloud
@@ -70,3 +75,17 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
             pids = started.pids
             yield started
     assert_stopped(pids)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
+    """A RabbitMQ node with the vhost `careen` for the whole session (see `RabbitMQ`).
+    The session shares it: a test uses queues of its own."""
+    if missing := rabbitmq_missing():
+        pytest.skip(f"no rabbitmq: run scripts/setup --tests (missing {', '.join(missing)})")
+    root = tmp_path_factory.mktemp("rabbitmq")
+    with start_rabbitmq(root) as started:
+        pids = started.pids
+        yield started
+    assert_stopped(pids)
+
