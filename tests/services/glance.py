@@ -34,6 +34,10 @@ from .process import (
 FILE_STORE = "file1"
 
 
+# Modules that run inside the service's process (see tests/services/inside).
+INSIDE = Path(__file__).resolve().parent / "inside"
+
+
 @dataclass(frozen=True)
 class ServiceAuth:
     """How Glance's keystonemiddleware validates tokens: its own service user."""
@@ -137,7 +141,11 @@ def start_glance(
     config = glance_config(root, url, venv, auth, backends, image_property_quota)
     conf = root / "glance-api.conf"
     write_ini(conf, merge_sections(config, options))
-    service = service_env(venv, root, {"OS_GLANCE_CONFIG_DIR": str(root), **env})
+    # The WSGI shim and the SQLite lock fix come first on the path (see tests/services/inside).
+    path = ":".join(p for p in (str(INSIDE), env.get("PYTHONPATH", "")) if p)
+    service = service_env(
+        venv, root, {"OS_GLANCE_CONFIG_DIR": str(root), **env, "PYTHONPATH": path}
+    )
     log = root / "glance.log"
 
     run_tool(
@@ -147,7 +155,7 @@ def start_glance(
         cwd=root,
     )
     argv = gunicorn_argv(
-        venv, "glance.wsgi.api:application", port, root, threads=8, access_log=access_log
+        venv, "glance_wsgi:application", port, root, threads=8, access_log=access_log
     )
     daemon = start_daemon("glance", argv, env=service, log=log, cwd=root)
     try:
