@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from careen.errors import CareenError
 
@@ -135,6 +136,20 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, stderr, stdout, hint=hint, secrets=secrets)
     return result
+
+
+def start_child(
+    argv: Sequence[Arg], *, env: Mapping[str, str], stderr: IO[bytes]
+) -> subprocess.Popen[bytes]:
+    """Start another careen (a fleet's refit) whose stdout the caller reads and whose
+    stderr goes to `stderr`. It stays in careen's process group, so Ctrl-C reaches it,
+    and it sets its own death signal (CAREEN_DIE_WITH_PARENT): SIGTERM, so that it rolls
+    back when its parent dies."""
+    args = _argv(argv)
+    log.debug("+ %s", shlex.join(args))
+    return subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=dict(env)
+    )
 
 
 @dataclass

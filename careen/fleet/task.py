@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -29,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from careen import journal
+from careen import journal, run
 from careen.errors import CareenError, ExitCode
 from careen.recipe import BUILTIN
 from careen.recipe import load as load_recipe
@@ -217,7 +216,7 @@ def refit_image(
         with log_path.open("ab") as log:
             log.write(f"$ {' '.join(argv)}\n".encode())
             log.flush()
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, env=env)
+            proc = run.start_child(argv, env=env, stderr=log)
             pid_file(log_path).write_text(f"{proc.pid}\n")
             try:
                 out, _ = proc.communicate()

@@ -88,4 +88,3 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
         pids = started.pids
         yield started
     assert_stopped(pids)
-
