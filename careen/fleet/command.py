@@ -154,6 +154,8 @@ def _retire_options(p: argparse.ArgumentParser) -> None:
 def run_fleet(args: argparse.Namespace) -> int:
     if args.fleet_verb == "plan":
         return _plan(args)
+    if args.fleet_verb == "run":
+        _check_run_args(args)  # before anything is read, written or logged in to
     path = args.plan.absolute()
     plan = fleet_plan.load(path)
     paths = fleet_run.Paths(path)
@@ -250,9 +252,28 @@ def _print_plan(plan: fleet_plan.Plan, out: Path) -> None:
     print("Nothing was changed.")
 
 
-def _run(cloud: Any, plan: Any, paths: Any, state: Any, args: argparse.Namespace) -> int:
+def _check_run_args(args: argparse.Namespace) -> None:
     if args.jobs < 1:
-        raise UsageError("--jobs must be 1 or more")
+        raise UsageError("--jobs must be 1 or more", hint="give --jobs 1 to refit one at a time")
+    limits.parse(args.limit)
+    _broker(args)
+
+
+def _broker(args: argparse.Namespace) -> str | None:
+    """The broker's URL for --engine celery; None for the local engine."""
+    if args.engine == "local":
+        if args.broker:
+            raise UsageError("--broker is for --engine celery", hint="add --engine celery")
+        return None
+    broker = args.broker or os.environ.get("CAREEN_BROKER")
+    if not broker:
+        raise UsageError(
+            "--engine celery needs a broker", hint="give --broker URL or set CAREEN_BROKER"
+        )
+    return str(broker)
+
+
+def _run(cloud: Any, plan: Any, paths: Any, state: Any, args: argparse.Namespace) -> int:
     refit_args = ["--retire", args.retire, "--retire-suffix", args.retire_suffix]
     opts = fleet_run.RunOptions(
         jobs=args.jobs,
@@ -292,15 +313,9 @@ def _run(cloud: Any, plan: Any, paths: Any, state: Any, args: argparse.Namespace
 
 
 def _engine(args: argparse.Namespace) -> fleet_run.Engine:
-    if args.engine == "local":
-        if args.broker:
-            raise UsageError("--broker is for --engine celery")
+    broker = _broker(args)
+    if broker is None:
         return fleet_run.LocalEngine(args.jobs)
-    broker = args.broker or os.environ.get("CAREEN_BROKER")
-    if not broker:
-        raise UsageError(
-            "--engine celery needs a broker", hint="give --broker URL or set CAREEN_BROKER"
-        )
     from careen.fleet.celery import CeleryEngine
 
     return CeleryEngine(broker)

@@ -217,5 +217,11 @@ def load(path: Path) -> Plan:
         raise UsageError(
             f"{path} is not a careen fleet plan", hint="make one with careen fleet plan"
         )
-    data["images"] = [Entry(**e) for e in data["images"]]
-    return Plan(**data)
+    try:
+        data["images"] = [Entry(**e) for e in data["images"]]
+        return Plan(**data)
+    except (KeyError, TypeError) as e:
+        raise UsageError(
+            f"{path} is not a careen fleet plan (it was changed by hand? {e})",
+            hint="make a new one with careen fleet plan",
+        ) from e

@@ -244,3 +244,20 @@ def test_a_task_may_pass_only_known_flags_to_refit(tmp_path: Path) -> None:
     for bad in (["--run", "rm -rf /"], ["--script", "x.sh"], ["-o", "/etc/passwd"]):
         result = task.refit_image(_task(tmp_path, refit_args=bad))
         assert result["status"] == "refused", bad
+
+
+def test_a_plan_file_changed_by_hand_is_a_usage_error(tmp_path: Path) -> None:
+    for body in ({"version": 1}, {"version": 1, "images": [{"bogus": 1}]}):
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(body))
+        with pytest.raises(UsageError, match="not a careen fleet plan"):
+            fleet_plan.load(path)
+
+
+def test_bad_run_options_are_refused_before_the_plan_is_read(tmp_path: Path) -> None:
+    from careen.cli import main
+
+    missing = str(tmp_path / "no-such-plan.json")
+    for extra in (["--jobs", "0"], ["--limit", "downloads=0"], ["--broker", "amqp://x"]):
+        assert main(["fleet", "run", missing, *extra]) == 2
+    assert not (tmp_path / "no-such-plan.db").exists()
